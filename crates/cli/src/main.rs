@@ -1,1 +1,97 @@
-fn main() {}
+//! `palm`: the command-line front end. It parses flags, sets up logging and calls one library
+//! function per subcommand; the work lives in the `palm-*` crates.
+
+mod eval;
+mod prepare;
+mod vocab;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Train, fine-tune, decode and evaluate PALM encoder-decoder models.
+#[derive(Parser)]
+#[command(
+    name = "palm",
+    version,
+    about,
+    long_about = None,
+    after_help = "Examples:\n  palm vocab --input corpus.txt --size 21128 --output vocab.txt\n  palm prepare --input train.jsonl --vocab vocab.txt --output data/train\n  palm eval --hyp pred.txt --ref gold.txt --json"
+)]
+struct Cli {
+    /// Log more (repeat for more detail); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a WordPiece vocab.txt (bert-base-chinese layout) from text files.
+    #[command(
+        after_help = "Example:\n  palm vocab --input a.txt b.txt --size 21128 --output vocab.txt"
+    )]
+    Vocab(vocab::Args),
+    /// Tokenize a corpus into zstd Parquet shards (src_ids, tgt_ids and the texts).
+    #[command(
+        after_help = "Examples:\n  palm prepare --input train.jsonl --vocab vocab.txt --output data/train\n  palm prepare --input AdvertiseGen/train.json --format adgen --vocab vocab.txt --output data/adgen\n  palm prepare --input PART_I.txt --format lcsts --vocab vocab.txt --output data/lcsts"
+    )]
+    Prepare(prepare::Args),
+    /// Score predictions against references: ROUGE-1/2/L and BLEU-1/4 as ModelScope computes them.
+    #[command(after_help = "Example:\n  palm eval --hyp pred.txt --ref gold.txt --json")]
+    Eval(eval::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    let result = match cli.command {
+        Command::Vocab(args) => vocab::run(args),
+        Command::Prepare(args) => prepare::run(args),
+        Command::Eval(args) => eval::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// Writes `contents` to `path` atomically: a temporary name in the same directory, then a
+/// rename, so a failed or interrupted run leaves no partial file.
+pub(crate) fn write_atomic(path: &std::path::Path, contents: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("{}", dir.display()))?;
+    tmp.write_all(contents)
+        .with_context(|| format!("{}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(())
+}

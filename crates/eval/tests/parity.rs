@@ -81,7 +81,12 @@ fn fixture_covers_the_hard_cases() {
 #[test]
 fn rebuild_chinese_str_matches_modelscope() {
     for p in fixture().pairs {
-        assert_eq!(text::rebuild_chinese_str(&p.hyp), p.hyp_rebuilt, "{:?}", p.hyp);
+        assert_eq!(
+            text::rebuild_chinese_str(&p.hyp),
+            p.hyp_rebuilt,
+            "{:?}",
+            p.hyp
+        );
         assert_eq!(text::rebuild_chinese_str(&p.reference), p.ref_rebuilt);
     }
 }
