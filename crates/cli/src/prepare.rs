@@ -92,6 +92,9 @@ pub fn run(args: Args) -> Result<()> {
         secs,
         report.rows as f64 / secs.max(1e-9)
     );
+    if let Some(kib) = peak_rss_kib() {
+        println!("peak memory: {:.0} MiB", kib as f64 / 1024.0);
+    }
     if report.skipped > 0 {
         println!("skipped {} invalid row(s)", report.skipped);
     }
@@ -107,4 +110,11 @@ pub fn run(args: Args) -> Result<()> {
         args.max_tgt_len
     );
     Ok(())
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in KiB.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -110,7 +110,19 @@ struct ShardWriter {
 }
 
 impl ShardWriter {
+    /// Writes a batch, splitting it so that every shard but the last has exactly
+    /// `shard_rows` rows.
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            let take = (self.shard_rows - self.rows_in_shard).min(batch.num_rows() - offset);
+            self.write_part(&batch.slice(offset, take))?;
+            offset += take;
+        }
+        Ok(())
+    }
+
+    fn write_part(&mut self, batch: &RecordBatch) -> Result<()> {
         if self.writer.is_none() {
             let name = format!("part-{:05}.parquet", self.names.len());
             let path = self.dir.join(&name);

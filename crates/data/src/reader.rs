@@ -595,48 +595,48 @@ impl Iterator for ParquetReader {
             return None;
         }
         loop {
-            if let Some(batch) = self.current.take() {
-                if self.pos < batch.num_rows() {
-                    let i = self.pos;
-                    self.pos += 1;
-                    self.row += 1;
-                    let line = self.row;
-                    let src = match self.column(&batch, &self.src, i) {
+            if let Some(batch) = self.current.take()
+                && self.pos < batch.num_rows()
+            {
+                let i = self.pos;
+                self.pos += 1;
+                self.row += 1;
+                let line = self.row;
+                let src = match self.column(&batch, &self.src, i) {
+                    Ok(Some(s)) => s,
+                    Ok(None) => {
+                        self.current = Some(batch);
+                        return Some(Err(Error::Row {
+                            path: self.path.clone(),
+                            line,
+                            message: format!("field {:?} is null", self.src),
+                        }));
+                    }
+                    Err(e) => {
+                        self.failed = true;
+                        return Some(Err(e));
+                    }
+                };
+                let tgt = match self.tgt.as_deref() {
+                    None => String::new(),
+                    Some(name) => match self.column(&batch, name, i) {
                         Ok(Some(s)) => s,
                         Ok(None) => {
                             self.current = Some(batch);
                             return Some(Err(Error::Row {
                                 path: self.path.clone(),
                                 line,
-                                message: format!("field {:?} is null", self.src),
+                                message: format!("field {name:?} is null"),
                             }));
                         }
                         Err(e) => {
                             self.failed = true;
                             return Some(Err(e));
                         }
-                    };
-                    let tgt = match self.tgt.as_deref() {
-                        None => String::new(),
-                        Some(name) => match self.column(&batch, name, i) {
-                            Ok(Some(s)) => s,
-                            Ok(None) => {
-                                self.current = Some(batch);
-                                return Some(Err(Error::Row {
-                                    path: self.path.clone(),
-                                    line,
-                                    message: format!("field {name:?} is null"),
-                                }));
-                            }
-                            Err(e) => {
-                                self.failed = true;
-                                return Some(Err(e));
-                            }
-                        },
-                    };
-                    self.current = Some(batch);
-                    return Some(Ok(Example { src, tgt, line }));
-                }
+                    },
+                };
+                self.current = Some(batch);
+                return Some(Ok(Example { src, tgt, line }));
             }
             match self.batches.next() {
                 None => return None,

@@ -41,7 +41,7 @@ pub fn sentences(text: &str) -> Vec<String> {
 }
 
 /// All words of all sentences, split on single spaces (so an empty sentence is one empty word).
-fn words<'a>(sentences: &'a [String]) -> Vec<&'a str> {
+fn words(sentences: &[String]) -> Vec<&str> {
     sentences.iter().flat_map(|s| s.split(' ')).collect()
 }
 

@@ -1,0 +1,265 @@
+//! The `palm` binary end to end: eval against reference values, prepare and vocab, and the
+//! contract for bad input (one line naming the file and line, exit code 1, no output).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn palm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_palm"))
+        .args(args)
+        .output()
+        .expect("palm runs")
+}
+
+fn eval_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../eval/tests/fixtures/holdout")
+        .join(name)
+}
+
+fn vocab_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tokenizer/tests/fixtures/vocab.txt")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Checks the bad-input contract: exit 1, exactly one line on stderr containing `needle`.
+fn assert_bad_input(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
+    assert!(err.contains(needle), "{needle:?} not in {err:?}");
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let o = palm(&["--help"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    for cmd in ["vocab", "prepare", "eval"] {
+        assert!(out.contains(cmd), "{cmd} missing from:\n{out}");
+    }
+    assert!(out.contains("Examples:"));
+}
+
+#[test]
+fn eval_json_matches_the_reference_on_unseen_pairs() {
+    let o = palm(&[
+        "eval",
+        "--hyp",
+        eval_fixture("hyp.txt").to_str().unwrap(),
+        "--ref",
+        eval_fixture("ref.txt").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval_fixture("expected.json")).unwrap())
+            .unwrap();
+    for key in ["rouge-1", "rouge-2", "rouge-l", "bleu-1", "bleu-4"] {
+        let (g, e) = (got[key].as_f64().unwrap(), expected[key].as_f64().unwrap());
+        assert!((g - e).abs() < 1e-4, "{key}: palm {g} vs reference {e}");
+    }
+    assert_eq!(got["count"], expected["count"]);
+}
+
+#[test]
+fn eval_reads_generate_jsonl_and_rejects_unequal_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let hyp = dir.path().join("pred.jsonl");
+    std::fs::write(&hyp, "{\"src\": \"x\", \"pred\": \"今天天气很好\"}\n").unwrap();
+    let reference = dir.path().join("gold.txt");
+    std::fs::write(&reference, "今天天气很好\n").unwrap();
+    let o = palm(&[
+        "eval",
+        "--hyp",
+        hyp.to_str().unwrap(),
+        "--ref",
+        reference.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!((got["rouge-l"].as_f64().unwrap() - 100.0).abs() < 1e-4);
+
+    std::fs::write(&reference, "a\nb\n").unwrap();
+    let o = palm(&[
+        "eval",
+        "--hyp",
+        hyp.to_str().unwrap(),
+        "--ref",
+        reference.to_str().unwrap(),
+    ]);
+    assert_bad_input(&o, "pred.jsonl has 1 lines but");
+}
+
+fn prepare(input: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "prepare",
+        "--input",
+        input.to_str().unwrap(),
+        "--vocab",
+        vocab_fixture().to_str().unwrap().to_owned().leak(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    palm(&args)
+}
+
+#[test]
+fn prepare_reports_counts_and_writes_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("train.jsonl");
+    std::fs::write(
+        &input,
+        "{\"src\": \"今天天气很好\", \"tgt\": \"很好\"}\n{\"src\": \"白色上衣\", \"tgt\": \"上衣\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("data");
+    let o = prepare(&input, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("prepared 2 rows"), "{stdout}");
+    assert!(out.join("part-00000.parquet").is_file());
+    assert!(out.join("meta.json").is_file());
+}
+
+#[test]
+fn malformed_inputs_fail_cleanly_without_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = "{\"src\": \"今天\", \"tgt\": \"很好\"}\n";
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "utf8.jsonl",
+            [
+                good.as_bytes(),
+                b"{\"src\": \"\xff\xfe\", \"tgt\": \"x\"}\n",
+            ]
+            .concat(),
+            "utf8.jsonl:2: invalid UTF-8",
+        ),
+        (
+            "missing.jsonl",
+            format!("{good}{good}{{\"src\": \"今天\"}}\n").into_bytes(),
+            "missing.jsonl:3: missing field \"tgt\"",
+        ),
+        (
+            "empty.jsonl",
+            format!("{good}{{\"src\": \"今天\", \"tgt\": \"\"}}\n").into_bytes(),
+            "empty.jsonl:2: empty target",
+        ),
+        (
+            "broken.jsonl",
+            format!("{good}{{\"src\": \"今天\", \"tgt\": \n").into_bytes(),
+            "broken.jsonl:2: invalid JSON",
+        ),
+    ];
+    for (name, contents, needle) in cases {
+        let input = d.join(name);
+        std::fs::write(&input, contents).unwrap();
+        let out = d.join(format!("out-{name}"));
+        let o = prepare(&input, &out, &[]);
+        assert_bad_input(&o, needle);
+        assert!(!out.exists(), "{name}: output left behind");
+    }
+    // Only the shard directories we asked for, and no temporary leftovers.
+    let names: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+
+    // --skip-invalid goes on and says how many it skipped.
+    let input = d.join("empty.jsonl");
+    let o = prepare(&input, &d.join("skipped"), &["--skip-invalid"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("skipped 1 invalid row"));
+}
+
+#[test]
+fn truncated_parquet_input_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = d.join("t.jsonl");
+    let mut rows = String::new();
+    for i in 0..200 {
+        rows.push_str(&format!(
+            "{{\"src\": \"今天天气{i}\", \"tgt\": \"很好{i}\"}}\n"
+        ));
+    }
+    std::fs::write(&input, rows).unwrap();
+    let shards = d.join("shards");
+    assert!(prepare(&input, &shards, &[]).status.success());
+    let bytes = std::fs::read(shards.join("part-00000.parquet")).unwrap();
+    let cut = d.join("cut.parquet");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let out = d.join("out");
+    let o = prepare(
+        &cut,
+        &out,
+        &["--src-field", "src_text", "--tgt-field", "tgt_text"],
+    );
+    assert_bad_input(&o, "cut.parquet: not a readable Parquet file");
+    assert!(!out.exists());
+}
+
+#[test]
+fn vocab_trains_a_loadable_bert_layout_vocab() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(
+        &corpus,
+        "今天天气很好\n今天是个好日子\nhello palm world\n".repeat(20),
+    )
+    .unwrap();
+    let out = dir.path().join("vocab.txt");
+    let o = palm(&[
+        "vocab",
+        "--input",
+        corpus.to_str().unwrap(),
+        "--size",
+        "160",
+        "--output",
+        out.to_str().unwrap(),
+        "--min-frequency",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let vocab = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = vocab.lines().collect();
+    assert_eq!(&lines[..2], ["[PAD]", "[unused1]"]);
+    assert_eq!(&lines[100..104], ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]);
+    assert!(lines.contains(&"今") && lines.len() <= 160);
+
+    // An existing file is not replaced without --force.
+    let o = palm(&[
+        "vocab",
+        "--input",
+        corpus.to_str().unwrap(),
+        "--size",
+        "160",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_bad_input(&o, "already exists");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), vocab);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let o = palm(&["eval", "--hyp"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = palm(&[
+        "prepare", "--input", "x", "--vocab", "v", "--output", "o", "--format", "xml",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}

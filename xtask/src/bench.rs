@@ -1,0 +1,149 @@
+//! `cargo xtask bench prepare`: `palm prepare` on a generated corpus (rows/s, peak RSS) next
+//! to the `tokenizers` crate's own batch-encode rate on the same rows.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{cargo, corpus, flag};
+
+fn target_dir() -> Result<PathBuf> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("cargo metadata")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("cargo metadata output")?;
+    Ok(PathBuf::from(
+        v["target_directory"]
+            .as_str()
+            .context("no target_directory")?,
+    ))
+}
+
+fn git_rev() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Finds `key: value` in a program's output and parses the number after it.
+fn number_after(text: &str, key: &str) -> Option<f64> {
+    let at = text.find(key)? + key.len();
+    let rest = text[at..].trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("prepare") => prepare(&args[1..]),
+        _ => bail!("usage: cargo xtask bench prepare [--rows N]"),
+    }
+}
+
+fn prepare(args: &[String]) -> Result<()> {
+    let rows: u64 = flag(args, "--rows")
+        .unwrap_or("1000000")
+        .parse()
+        .context("--rows")?;
+    crate::run(cargo().args(["build", "--release", "-p", "palm"]))?;
+    crate::run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "palm-tokenizer",
+        "--example",
+        "encode_rate",
+    ]))?;
+    let target = target_dir()?;
+    let work = target.join("bench");
+    std::fs::create_dir_all(&work)?;
+    let corpus_path = work.join(format!("corpus-{rows}.jsonl"));
+    let vocab = work.join("vocab.txt");
+    if !corpus_path.exists() {
+        eprintln!("generating {rows} rows into {}", corpus_path.display());
+        let tmp = work.join("corpus.tmp");
+        corpus::write_corpus(&tmp, rows, false)?;
+        std::fs::rename(&tmp, &corpus_path)?;
+    }
+    corpus::write_vocab(&vocab)?;
+    let out = work.join("prepared");
+    if out.exists() {
+        std::fs::remove_dir_all(&out)?;
+    }
+    let palm = target.join("release/palm");
+    let start = Instant::now();
+    let o = Command::new(&palm)
+        .args(["prepare", "--input"])
+        .arg(&corpus_path)
+        .arg("--vocab")
+        .arg(&vocab)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .with_context(|| palm.display().to_string())?;
+    let secs = start.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    if !o.status.success() {
+        bail!(
+            "palm prepare failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    print!("{stdout}");
+    let peak_mib =
+        number_after(&stdout, "peak memory").context("palm prepare printed no peak memory")?;
+    let palm_rate = rows as f64 / secs;
+
+    let encoder = target.join("release/examples/encode_rate");
+    let o = Command::new(&encoder)
+        .arg(&corpus_path)
+        .arg(&vocab)
+        .output()
+        .with_context(|| encoder.display().to_string())?;
+    if !o.status.success() {
+        bail!("encode_rate failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let enc_out = String::from_utf8_lossy(&o.stdout).into_owned();
+    print!("{enc_out}");
+    let tok_rate = number_after(&enc_out, "encode_batch rows/s").context("no encode_batch rate")?;
+    let tok_fast = number_after(&enc_out, "encode_batch_fast rows/s").context("no fast rate")?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let size = std::fs::metadata(&corpus_path)?.len();
+    let json = serde_json::json!({
+        "benchmark": "prepare",
+        "git_rev": git_rev(),
+        "rows": rows,
+        "input_bytes": size,
+        "cores": cores,
+        "palm_prepare_seconds": secs,
+        "palm_prepare_rows_per_s": palm_rate,
+        "palm_prepare_peak_rss_mib": peak_mib,
+        "tokenizers_encode_batch_rows_per_s": tok_rate,
+        "tokenizers_encode_batch_fast_rows_per_s": tok_fast,
+        "command": format!("cargo xtask bench prepare --rows {rows}"),
+    });
+    let dest = Path::new("docs/benchmarks/prepare.json");
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(dest, serde_json::to_string_pretty(&json)? + "\n")?;
+    println!(
+        "\n| rows | cores | palm prepare rows/s | peak RSS | tokenizers encode_batch rows/s | encode_batch_fast rows/s |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {rows} | {cores} | {palm_rate:.0} | {peak_mib:.0} MiB | {tok_rate:.0} | {tok_fast:.0} |"
+    );
+    println!("written to {}", dest.display());
+    Ok(())
+}
