@@ -36,7 +36,7 @@ fn git_rev() -> String {
 /// Finds `key: value` in a program's output and parses the number after it.
 fn number_after(text: &str, key: &str) -> Option<f64> {
     let at = text.find(key)? + key.len();
-    let rest = text[at..].trim_start();
+    let rest = text[at..].trim_start_matches([':', ' ']);
     let end = rest
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(rest.len());

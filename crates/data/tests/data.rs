@@ -325,3 +325,33 @@ fn parquet_input_and_truncated_parquet() {
         "{e}"
     );
 }
+
+fn sample(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../datasets/samples")
+        .join(name)
+}
+
+#[test]
+fn committed_samples_in_the_published_formats() {
+    let lcsts = read(&sample("lcsts.txt"), Format::Auto);
+    assert_eq!(lcsts.len(), 2);
+    assert_eq!(lcsts[0].tgt, "城市公交将全面改用电动车");
+    assert!(lcsts[0].src.starts_with("记者从市交通局获悉"));
+
+    let mut o = ReaderOptions::new(Format::Lcsts);
+    o.lcsts_min_label = Some(3);
+    let test: Vec<Example> = open(&sample("lcsts_part3.txt"), &o)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(test.len(), 1);
+    assert_eq!(test[0].tgt, "新版地图应用上线离线导航");
+
+    let adgen = read(&sample("adgen.json"), Format::Adgen);
+    assert_eq!(adgen[1].src, "类型#裙*版型#宽松*颜色#黑色*裙长#连衣裙*风格#简约");
+
+    let qg = read(&sample("dureader_qg.json"), Format::DureaderQg);
+    assert!(qg[0].src.starts_with("两百座[SEP]"));
+    assert_eq!(qg[0].tgt, "全市将新建多少座充电站？");
+}

@@ -1,0 +1,369 @@
+//! PALM's decoder (OpenNMT/PreSumm style, `palm-reference.md` §2.2–2.5): pre-norm layers with
+//! eps 1e-6, tanh GELU, sinusoidal positions added to embeddings scaled by sqrt(d), and a final
+//! LayerNorm. Field names mirror the reference state dict (`transformer_layers.N.self_attn.
+//! linear_keys`, `feed_forward.w_1`, `layer_norm_1`, …).
+
+use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::gelu_approximate;
+
+use crate::attention::{attention, merge_heads, split_heads};
+
+/// LayerNorm epsilon of every decoder norm.
+pub const DECODER_LN_EPS: f64 = 1e-6;
+/// Rows of the reference's positional table.
+pub const MAX_POSITIONS: usize = 5000;
+
+/// OpenNMT's multi-headed attention: four d×d projections.
+#[derive(Module, Debug)]
+pub struct MultiHeadedAttention<B: Backend> {
+    /// Key projection.
+    pub linear_keys: Linear<B>,
+    /// Value projection.
+    pub linear_values: Linear<B>,
+    /// Query projection.
+    pub linear_query: Linear<B>,
+    /// Output projection.
+    pub final_linear: Linear<B>,
+    heads: usize,
+    dropout: Dropout,
+}
+
+/// `x + W2(drop(gelu_tanh(W1(LN(x)))))`, with dropout on the output too.
+#[derive(Module, Debug)]
+pub struct PositionwiseFeedForward<B: Backend> {
+    /// Pre-norm of the block.
+    pub layer_norm: LayerNorm<B>,
+    /// `d → ff`.
+    pub w_1: Linear<B>,
+    /// `ff → d`.
+    pub w_2: Linear<B>,
+    dropout_1: Dropout,
+    dropout_2: Dropout,
+}
+
+/// One decoder layer.
+#[derive(Module, Debug)]
+pub struct TransformerDecoderLayer<B: Backend> {
+    /// Masked self-attention.
+    pub self_attn: MultiHeadedAttention<B>,
+    /// Attention over the encoder output.
+    pub context_attn: MultiHeadedAttention<B>,
+    /// FFN block with its own norm.
+    pub feed_forward: PositionwiseFeedForward<B>,
+    /// Norm before self-attention.
+    pub layer_norm_1: LayerNorm<B>,
+    /// Norm before context attention.
+    pub layer_norm_2: LayerNorm<B>,
+    drop: Dropout,
+}
+
+/// The decoder: embeddings (tied with the generator), layers, final norm.
+#[derive(Module, Debug)]
+pub struct TransformerDecoder<B: Backend> {
+    /// `[vocab, d]`; the generator's weight too.
+    pub embeddings: Embedding<B>,
+    /// The layers.
+    pub transformer_layers: Vec<TransformerDecoderLayer<B>>,
+    /// Final LayerNorm, applied before the generator.
+    pub layer_norm: LayerNorm<B>,
+    /// Sinusoidal table `[MAX_POSITIONS, d]`; deterministic, never saved.
+    pe: Tensor<B, 2>,
+    pos_dropout: Dropout,
+    d_model: usize,
+}
+
+/// The sinusoidal table: even columns sin(pos·wᵢ), odd columns cos(pos·wᵢ),
+/// wᵢ = exp(−ln(10000)·2i/d).
+pub fn positional_table(rows: usize, d: usize) -> Vec<f32> {
+    let mut pe = vec![0f32; rows * d];
+    for pos in 0..rows {
+        for i in 0..d / 2 {
+            let w = (-(10000f64.ln()) * (2 * i) as f64 / d as f64).exp();
+            // The reference computes in f32: position × div_term, then sin/cos.
+            let angle = (pos as f32) * (w as f32);
+            pe[pos * d + 2 * i] = angle.sin();
+            pe[pos * d + 2 * i + 1] = angle.cos();
+        }
+    }
+    pe
+}
+
+fn linear<B: Backend>(i: usize, o: usize, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(i, o)
+        .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+        .init(device)
+}
+
+fn ln<B: Backend>(d: usize, device: &B::Device) -> LayerNorm<B> {
+    LayerNormConfig::new(d).with_epsilon(DECODER_LN_EPS).init(device)
+}
+
+impl<B: Backend> MultiHeadedAttention<B> {
+    fn new(d: usize, heads: usize, dropout: f64, device: &B::Device) -> Self {
+        MultiHeadedAttention {
+            linear_keys: linear(d, d, device),
+            linear_values: linear(d, d, device),
+            linear_query: linear(d, d, device),
+            final_linear: linear(d, d, device),
+            heads,
+            dropout: DropoutConfig::new(dropout).init(),
+        }
+    }
+
+    /// Query projection, split into heads and divided by sqrt(dh) as the reference does.
+    fn query(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
+        let dh = x.dims()[2] / self.heads;
+        split_heads(self.linear_query.forward(x), self.heads).div_scalar((dh as f64).sqrt())
+    }
+
+    /// Keys and values of `x`, split into heads: `[b, h, t, dh]` each.
+    pub fn keys_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        (
+            split_heads(self.linear_keys.forward(x.clone()), self.heads),
+            split_heads(self.linear_values.forward(x), self.heads),
+        )
+    }
+
+    fn forward(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 3> {
+        self.final_linear
+            .forward(merge_heads(attention(q, k, v, Some(mask), &self.dropout)))
+    }
+}
+
+impl<B: Backend> TransformerDecoderLayer<B> {
+    fn new(d: usize, heads: usize, ff: usize, dropout: f64, device: &B::Device) -> Self {
+        TransformerDecoderLayer {
+            self_attn: MultiHeadedAttention::new(d, heads, dropout, device),
+            context_attn: MultiHeadedAttention::new(d, heads, dropout, device),
+            feed_forward: PositionwiseFeedForward {
+                layer_norm: ln(d, device),
+                w_1: linear(d, ff, device),
+                w_2: linear(ff, d, device),
+                dropout_1: DropoutConfig::new(dropout).init(),
+                dropout_2: DropoutConfig::new(dropout).init(),
+            },
+            layer_norm_1: ln(d, device),
+            layer_norm_2: ln(d, device),
+            drop: DropoutConfig::new(dropout).init(),
+        }
+    }
+
+    fn feed_forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let f = &self.feed_forward;
+        let inner = f
+            .dropout_1
+            .forward(gelu_approximate(f.w_1.forward(f.layer_norm.forward(x.clone()))));
+        f.dropout_2.forward(f.w_2.forward(inner)) + x
+    }
+
+    /// Teacher-forced layer: `x [b, t, d]`, `memory [b, s, d]`, `self_mask [b, 1, t, t]`,
+    /// `src_mask [b, 1, 1, s]`.
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        memory: Tensor<B, 3>,
+        self_mask: Tensor<B, 4, Bool>,
+        src_mask: Tensor<B, 4, Bool>,
+    ) -> Tensor<B, 3> {
+        let xn = self.layer_norm_1.forward(x.clone());
+        let (k, v) = self.self_attn.keys_values(xn.clone());
+        let a = self.self_attn.forward(self.self_attn.query(xn), k, v, self_mask);
+        let q = self.drop.forward(a) + x;
+        let qn = self.layer_norm_2.forward(q.clone());
+        let (mk, mv) = self.context_attn.keys_values(memory);
+        let c = self
+            .context_attn
+            .forward(self.context_attn.query(qn), mk, mv, src_mask);
+        self.feed_forward(self.drop.forward(c) + q)
+    }
+
+    /// One cached step for `rows = sources × beams` rows: `x [rows, 1, d]`.
+    fn step(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>, input_pad: Tensor<B, 4, Bool>, src_mask: &Tensor<B, 4, Bool>, beams: usize) -> Tensor<B, 3> {
+        let xn = self.layer_norm_1.forward(x.clone());
+        let (k, v) = self.self_attn.keys_values(xn.clone());
+        let (k, v) = match (cache.self_keys.take(), cache.self_values.take()) {
+            (Some(pk), Some(pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            _ => (k, v),
+        };
+        cache.self_keys = Some(k.clone());
+        cache.self_values = Some(v.clone());
+        // The reference masks every cached key when the current input is PAD.
+        let a = self.self_attn.forward(self.self_attn.query(xn), k, v, input_pad);
+        let q = self.drop.forward(a) + x;
+        let qn = self.layer_norm_2.forward(q.clone());
+        // Beams of one source share its memory keys/values: the beams become query positions.
+        let [rows, _, d] = qn.dims();
+        let sources = rows / beams;
+        let heads = self.context_attn.heads;
+        let dh = d / heads;
+        let query = self
+            .context_attn
+            .linear_query
+            .forward(qn)
+            .reshape([sources, beams, heads, dh])
+            .swap_dims(1, 2)
+            .div_scalar((dh as f64).sqrt());
+        let ctx = attention(
+            query,
+            cache.memory_keys.clone(),
+            cache.memory_values.clone(),
+            Some(src_mask.clone()),
+            &self.context_attn.dropout,
+        );
+        let ctx = ctx.swap_dims(1, 2).reshape([rows, 1, d]);
+        let c = self.context_attn.final_linear.forward(ctx);
+        self.feed_forward(self.drop.forward(c) + q)
+    }
+}
+
+/// Per-layer cache: memory keys/values once per source, self-attention keys/values per row.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    /// `[sources, h, s, dh]`.
+    pub memory_keys: Tensor<B, 4>,
+    /// `[sources, h, s, dh]`.
+    pub memory_values: Tensor<B, 4>,
+    /// `[rows, h, t, dh]` after the first step.
+    pub self_keys: Option<Tensor<B, 4>>,
+    /// `[rows, h, t, dh]` after the first step.
+    pub self_values: Option<Tensor<B, 4>>,
+}
+
+/// The decoder's incremental state for `sources × beams` rows (consecutive beams per source).
+#[derive(Debug, Clone)]
+pub struct DecoderCache<B: Backend> {
+    /// One cache per layer.
+    pub layers: Vec<LayerCache<B>>,
+    /// `[sources, 1, 1, s]`, `true` at source padding.
+    pub src_mask: Tensor<B, 4, Bool>,
+    /// Beams per source.
+    pub beams: usize,
+    /// Position of the next input token.
+    pub step: usize,
+}
+
+impl<B: Backend> DecoderCache<B> {
+    /// Number of sources still decoded.
+    pub fn sources(&self) -> usize {
+        self.src_mask.dims()[0]
+    }
+
+    /// Reorders rows: row `i` continues from row `origin[i]` (`[rows]`, global row indices
+    /// within the same source). Memory keys/values are untouched.
+    pub fn reorder_rows(&mut self, origin: Tensor<B, 1, Int>) {
+        for l in &mut self.layers {
+            l.self_keys = l.self_keys.take().map(|k| k.select(0, origin.clone()));
+            l.self_values = l.self_values.take().map(|v| v.select(0, origin.clone()));
+        }
+    }
+
+    /// Keeps only the given sources (`[kept]`, indices into the current sources) and their rows.
+    pub fn keep_sources(&mut self, sources: &[usize]) {
+        let device = self.src_mask.device();
+        let src_idx: Vec<i64> = sources.iter().map(|&s| s as i64).collect();
+        let row_idx: Vec<i64> = sources
+            .iter()
+            .flat_map(|&s| (0..self.beams).map(move |b| (s * self.beams + b) as i64))
+            .collect();
+        let n = src_idx.len();
+        let src_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(src_idx, [n]), &device);
+        let rows = row_idx.len();
+        let row_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(row_idx, [rows]), &device);
+        self.src_mask = self.src_mask.clone().select(0, src_idx.clone());
+        for l in &mut self.layers {
+            l.memory_keys = l.memory_keys.clone().select(0, src_idx.clone());
+            l.memory_values = l.memory_values.clone().select(0, src_idx.clone());
+            l.self_keys = l.self_keys.take().map(|k| k.select(0, row_idx.clone()));
+            l.self_values = l.self_values.take().map(|v| v.select(0, row_idx.clone()));
+        }
+    }
+}
+
+impl<B: Backend> TransformerDecoder<B> {
+    /// A randomly initialised decoder.
+    pub fn new(vocab: usize, d: usize, layers: usize, heads: usize, ff: usize, dropout: f64, device: &B::Device) -> Self {
+        let pe = Tensor::from_data(
+            TensorData::new(positional_table(MAX_POSITIONS, d), [MAX_POSITIONS, d]),
+            device,
+        );
+        TransformerDecoder {
+            embeddings: EmbeddingConfig::new(vocab, d)
+                .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+                .init(device),
+            transformer_layers: (0..layers)
+                .map(|_| TransformerDecoderLayer::new(d, heads, ff, dropout, device))
+                .collect(),
+            layer_norm: ln(d, device),
+            pe,
+            pos_dropout: DropoutConfig::new(dropout).init(),
+            d_model: d,
+        }
+    }
+
+    /// Embeddings × sqrt(d) + positions `start..start+t`, then dropout.
+    fn embed(&self, tokens: Tensor<B, 2, Int>, start: usize) -> Tensor<B, 3> {
+        let [_, t] = tokens.dims();
+        let emb = self.embeddings.forward(tokens).mul_scalar((self.d_model as f64).sqrt());
+        let pos = self.pe.clone().slice([start..start + t]).unsqueeze::<3>();
+        self.pos_dropout.forward(emb + pos)
+    }
+
+    /// Teacher-forced decoding of `tgt [b, t]` against `memory [b, s, d]`: the hidden states
+    /// after the final LayerNorm, `[b, t, d]`.
+    pub fn forward(&self, tgt: Tensor<B, 2, Int>, memory: Tensor<B, 3>, src_pad: Tensor<B, 2, Bool>, pad_id: i64) -> Tensor<B, 3> {
+        let [b, t] = tgt.dims();
+        let device = tgt.device();
+        // Key j is hidden from query i when tgt[j] is PAD or j > i.
+        let key_pad = tgt.clone().equal_elem(pad_id).unsqueeze_dim::<3>(1).expand([b, t, t]);
+        let causal = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &device)
+            .unsqueeze::<3>()
+            .expand([b, t, t]);
+        let self_mask = key_pad.bool_or(causal).unsqueeze_dim::<4>(1);
+        let src_mask = src_pad.unsqueeze_dims::<4>(&[1, 2]);
+        let mut x = self.embed(tgt, 0);
+        for layer in &self.transformer_layers {
+            x = layer.forward(x, memory.clone(), self_mask.clone(), src_mask.clone());
+        }
+        self.layer_norm.forward(x)
+    }
+
+    /// A cache for `beams` rows per source; memory keys/values are projected here, once.
+    pub fn init_cache(&self, memory: Tensor<B, 3>, src_pad: Tensor<B, 2, Bool>, beams: usize) -> DecoderCache<B> {
+        let layers = self
+            .transformer_layers
+            .iter()
+            .map(|l| {
+                let (k, v) = l.context_attn.keys_values(memory.clone());
+                LayerCache {
+                    memory_keys: k,
+                    memory_values: v,
+                    self_keys: None,
+                    self_values: None,
+                }
+            })
+            .collect();
+        DecoderCache {
+            layers,
+            src_mask: src_pad.unsqueeze_dims::<4>(&[1, 2]),
+            beams,
+            step: 0,
+        }
+    }
+
+    /// Feeds one token per row (`[rows]`) at position `cache.step`; returns the hidden state
+    /// after the final LayerNorm, `[rows, d]`.
+    pub fn step(&self, tokens: Tensor<B, 1, Int>, cache: &mut DecoderCache<B>, pad_id: i64) -> Tensor<B, 2> {
+        let [rows] = tokens.dims();
+        let tokens = tokens.unsqueeze_dim::<2>(1);
+        let input_pad = tokens.clone().equal_elem(pad_id).reshape([rows, 1, 1, 1]);
+        let mut x = self.embed(tokens, cache.step);
+        let beams = cache.beams;
+        let src_mask = cache.src_mask.clone();
+        for (layer, lc) in self.transformer_layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.step(x, lc, input_pad.clone(), &src_mask, beams);
+        }
+        cache.step += 1;
+        self.layer_norm.forward(x).reshape([rows, self.d_model])
+    }
+}

@@ -1,0 +1,201 @@
+//! The BERT encoder (HF `BertModel`, post-LN, exact GELU), with field names that mirror the HF
+//! state-dict paths (`embeddings.word_embeddings`, `encoder.layer.N.attention.self.query`, …)
+//! so that import needs only the remaps in `import.rs`.
+
+use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::gelu;
+
+use crate::attention::{attention, merge_heads, split_heads};
+use crate::config::BertConfig;
+
+/// Word + position + token-type embeddings, LayerNorm, dropout.
+#[derive(Module, Debug)]
+pub struct BertEmbeddings<B: Backend> {
+    /// `[vocab, d]`.
+    pub word_embeddings: Embedding<B>,
+    /// `[max_positions, d]`.
+    pub position_embeddings: Embedding<B>,
+    /// `[type_vocab, d]`; PALM always uses type 0.
+    pub token_type_embeddings: Embedding<B>,
+    /// HF `LayerNorm`.
+    pub layer_norm: LayerNorm<B>,
+    dropout: Dropout,
+}
+
+/// Query, key and value projections (HF `attention.self`).
+#[derive(Module, Debug)]
+pub struct BertSelfAttention<B: Backend> {
+    /// Query projection.
+    pub query: Linear<B>,
+    /// Key projection.
+    pub key: Linear<B>,
+    /// Value projection.
+    pub value: Linear<B>,
+    heads: usize,
+    dropout: Dropout,
+}
+
+/// A dense layer followed by dropout and a residual LayerNorm (HF `*.output`).
+#[derive(Module, Debug)]
+pub struct BertOutput<B: Backend> {
+    /// Projection.
+    pub dense: Linear<B>,
+    /// HF `LayerNorm`.
+    pub layer_norm: LayerNorm<B>,
+    dropout: Dropout,
+}
+
+impl<B: Backend> BertOutput<B> {
+    fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.layer_norm
+            .forward(self.dropout.forward(self.dense.forward(x)) + residual)
+    }
+}
+
+/// Self-attention with its output block (HF `attention`).
+#[derive(Module, Debug)]
+pub struct BertAttention<B: Backend> {
+    /// HF `attention.self`.
+    pub self_attn: BertSelfAttention<B>,
+    /// HF `attention.output`.
+    pub output: BertOutput<B>,
+}
+
+/// The FFN's first half (HF `intermediate`).
+#[derive(Module, Debug)]
+pub struct BertIntermediate<B: Backend> {
+    /// `d → intermediate`.
+    pub dense: Linear<B>,
+}
+
+/// One encoder layer.
+#[derive(Module, Debug)]
+pub struct BertLayer<B: Backend> {
+    /// Attention block.
+    pub attention: BertAttention<B>,
+    /// FFN inner projection.
+    pub intermediate: BertIntermediate<B>,
+    /// FFN output block.
+    pub output: BertOutput<B>,
+}
+
+/// The stack of encoder layers (HF `encoder`).
+#[derive(Module, Debug)]
+pub struct BertEncoder<B: Backend> {
+    /// HF `encoder.layer`.
+    pub layer: Vec<BertLayer<B>>,
+}
+
+/// HF `pooler`: kept so checkpoints load and export whole; it does not affect generation.
+#[derive(Module, Debug)]
+pub struct BertPooler<B: Backend> {
+    /// `d → d`.
+    pub dense: Linear<B>,
+}
+
+/// HF `BertModel`.
+#[derive(Module, Debug)]
+pub struct BertModel<B: Backend> {
+    /// Embeddings.
+    pub embeddings: BertEmbeddings<B>,
+    /// Layers.
+    pub encoder: BertEncoder<B>,
+    /// Pooler (unused by PALM's forward).
+    pub pooler: BertPooler<B>,
+}
+
+fn linear<B: Backend>(i: usize, o: usize, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(i, o)
+        .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+        .init(device)
+}
+
+fn layer_norm<B: Backend>(d: usize, eps: f64, device: &B::Device) -> LayerNorm<B> {
+    LayerNormConfig::new(d).with_epsilon(eps).init(device)
+}
+
+impl<B: Backend> BertModel<B> {
+    /// A randomly initialised encoder (N(0, 0.02), as HF's `initializer_range`).
+    pub fn new(c: &BertConfig, device: &B::Device) -> Self {
+        let d = c.hidden_size;
+        let emb = |n: usize| {
+            EmbeddingConfig::new(n, d)
+                .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+                .init(device)
+        };
+        let drop = DropoutConfig::new(c.hidden_dropout_prob).init();
+        let output = |i: usize| BertOutput {
+            dense: linear(i, d, device),
+            layer_norm: layer_norm(d, c.layer_norm_eps, device),
+            dropout: drop.clone(),
+        };
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| BertLayer {
+                attention: BertAttention {
+                    self_attn: BertSelfAttention {
+                        query: linear(d, d, device),
+                        key: linear(d, d, device),
+                        value: linear(d, d, device),
+                        heads: c.num_attention_heads,
+                        dropout: DropoutConfig::new(c.attention_probs_dropout_prob).init(),
+                    },
+                    output: output(d),
+                },
+                intermediate: BertIntermediate {
+                    dense: linear(d, c.intermediate_size, device),
+                },
+                output: output(c.intermediate_size),
+            })
+            .collect();
+        BertModel {
+            embeddings: BertEmbeddings {
+                word_embeddings: emb(c.vocab_size),
+                position_embeddings: emb(c.max_position_embeddings),
+                token_type_embeddings: emb(c.type_vocab_size),
+                layer_norm: layer_norm(d, c.layer_norm_eps, device),
+                dropout: drop.clone(),
+            },
+            encoder: BertEncoder { layer: layers },
+            pooler: BertPooler {
+                dense: linear(d, d, device),
+            },
+        }
+    }
+
+    /// Encodes `src [b, s]` with `pad_mask [b, s]` (`true` at padding) into `[b, s, d]`.
+    pub fn forward(&self, src: Tensor<B, 2, Int>, pad_mask: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
+        let [b, s] = src.dims();
+        let device = src.device();
+        let e = &self.embeddings;
+        let positions = Tensor::<B, 1, Int>::arange(0..s as i64, &device)
+            .unsqueeze::<2>()
+            .expand([b, s]);
+        let types = Tensor::<B, 2, Int>::zeros([b, s], &device);
+        let x = e.word_embeddings.forward(src)
+            + e.position_embeddings.forward(positions)
+            + e.token_type_embeddings.forward(types);
+        let mut x = e.dropout.forward(e.layer_norm.forward(x));
+        // [b, 1, 1, s]: every query ignores padded keys.
+        let mask = pad_mask.unsqueeze_dims::<4>(&[1, 2]);
+        for layer in &self.encoder.layer {
+            x = layer.forward(x, mask.clone());
+        }
+        x
+    }
+}
+
+impl<B: Backend> BertLayer<B> {
+    fn forward(&self, x: Tensor<B, 3>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 3> {
+        let a = &self.attention.self_attn;
+        let dh = x.dims()[2] / a.heads;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let q = split_heads(a.query.forward(x.clone()), a.heads).mul_scalar(scale);
+        let k = split_heads(a.key.forward(x.clone()), a.heads);
+        let v = split_heads(a.value.forward(x.clone()), a.heads);
+        let ctx = merge_heads(attention(q, k, v, Some(mask), &a.dropout));
+        let h = self.attention.output.forward(ctx, x);
+        let inner = gelu(self.intermediate.dense.forward(h.clone()));
+        self.output.forward(inner, h)
+    }
+}

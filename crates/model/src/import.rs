@@ -1,0 +1,116 @@
+//! Loading ModelScope PALM checkpoints (`pytorch_model.bin`, `palm-reference.md` §2.8–2.9).
+//!
+//! The reference loads with `strict=False` and silently ignores what does not fit; here every
+//! parameter must be found with the right shape, and every key of the file must be either
+//! used or one of the known deterministic buffers and duplicates below.
+
+use std::path::Path;
+
+use burn::prelude::*;
+use burn_store::pytorch::PytorchReader;
+use burn_store::{ModuleSnapshot, PytorchStore};
+
+use crate::{Error, Result};
+
+/// ModelScope names → ours, applied in order to every key of the file.
+const KEY_REMAPS: &[(&str, &str)] = &[
+    // Containers and wrappers: DDP's `module.`, PreSumm's `model.`, a
+    // `PalmForTextGeneration` state dict's `palm.` (also combined: `model.palm.`).
+    (r"^(?:(?:module|model|palm)\.)+", ""),
+    // AliceMind-style names.
+    (r"^bert\.model\.", "bert."),
+    (r"^generator\.0\.", "generator.dense."),
+    // `self` is a Rust keyword.
+    (r"\.attention\.self\.", ".attention.self_attn."),
+    // HF spells its norms `LayerNorm`; weight/bias become gamma/beta in the adapter.
+    (r"\.LayerNorm\.", ".layer_norm."),
+];
+
+/// Keys (after remapping) that carry no parameter of ours: deterministic buffers rebuilt at
+/// init, the loss module's copies of the generator, and the tied generator weight.
+const IGNORED: &[&str] = &[
+    r"^decoder\.transformer_layers\.\d+\.mask$",
+    r"^decoder\.pos_emb\.pe$",
+    r"^bert\.embeddings\.position_ids$",
+    r"^bert\.embeddings\.token_type_ids$",
+    r"^loss\.",
+    r"^__tied__\.",
+];
+
+/// What an import found, for logs.
+#[derive(Debug, Clone, Default)]
+pub struct ImportReport {
+    /// Parameters loaded.
+    pub loaded: usize,
+    /// File keys skipped as deterministic buffers or duplicates.
+    pub ignored: Vec<String>,
+}
+
+fn remapped(key: &str) -> String {
+    let mut k = key.to_owned();
+    for (from, to) in KEY_REMAPS {
+        let re = regex::Regex::new(from).expect("valid remap pattern");
+        k = re.replace_all(&k, *to).into_owned();
+    }
+    k
+}
+
+/// Loads a ModelScope `pytorch_model.bin` into `model`, strictly.
+pub fn load_pytorch<B: Backend, M: ModuleSnapshot<B>>(model: &mut M, path: &Path) -> Result<ImportReport> {
+    let checkpoint_error = |message: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    let reader = PytorchReader::new(path).map_err(|e| checkpoint_error(format!("cannot read: {e}")))?;
+    let keys = reader.keys();
+    drop(reader);
+    // PreSumm checkpoints wrap the state dict with optimizer state: {"model": …, "optim": …}.
+    let wrapped = keys.iter().any(|k| k.starts_with("model."))
+        && keys.iter().any(|k| !k.starts_with("model."));
+    let keys: Vec<String> = if wrapped {
+        keys.into_iter()
+            .filter_map(|k| k.strip_prefix("model.").map(str::to_owned))
+            .collect()
+    } else {
+        keys
+    };
+    let names: Vec<String> = keys.iter().map(|k| remapped(k)).collect();
+    let mut store = PytorchStore::from_file(path).validate(false).allow_partial(true);
+    if wrapped {
+        store = store.with_top_level_key("model");
+    }
+    for (from, to) in KEY_REMAPS {
+        store = store.with_key_remapping(*from, *to);
+    }
+    // Tie: PyTorch copies parameters in module order, so the generator's copy wins.
+    if names.iter().any(|n| n == "generator.dense.weight") {
+        store = store
+            .with_key_remapping(r"^decoder\.embeddings\.weight$", "__tied__.decoder.embeddings.weight")
+            .with_key_remapping(r"^generator\.dense\.weight$", "decoder.embeddings.weight");
+    }
+    let result = model
+        .load_from(&mut store)
+        .map_err(|e| checkpoint_error(e.to_string()))?;
+    if let Some(e) = result.errors.first() {
+        return Err(checkpoint_error(format!("{e}")));
+    }
+    if let Some((name, _)) = result.missing.first() {
+        return Err(checkpoint_error(format!("missing parameter {name}")));
+    }
+    let ignored_res: Vec<regex::Regex> = IGNORED
+        .iter()
+        .map(|p| regex::Regex::new(p).expect("valid pattern"))
+        .collect();
+    let mut ignored = Vec::new();
+    for key in &result.unused {
+        if ignored_res.iter().any(|re| re.is_match(key)) {
+            ignored.push(key.clone());
+        } else {
+            return Err(checkpoint_error(format!("unexpected parameter {key}")));
+        }
+    }
+    Ok(ImportReport {
+        loaded: result.applied.len(),
+        ignored,
+    })
+}
