@@ -349,7 +349,10 @@ fn committed_samples_in_the_published_formats() {
     assert_eq!(test[0].tgt, "新版地图应用上线离线导航");
 
     let adgen = read(&sample("adgen.json"), Format::Adgen);
-    assert_eq!(adgen[1].src, "类型#裙*版型#宽松*颜色#黑色*裙长#连衣裙*风格#简约");
+    assert_eq!(
+        adgen[1].src,
+        "类型#裙*版型#宽松*颜色#黑色*裙长#连衣裙*风格#简约"
+    );
 
     let qg = read(&sample("dureader_qg.json"), Format::DureaderQg);
     assert!(qg[0].src.starts_with("两百座[SEP]"));

@@ -198,29 +198,56 @@ impl ModelConfig {
             })
         };
         if !matches!(self.palm.encoder.as_str(), "bert" | "zh_bert") {
-            return bad("encoder", format!("{:?} is not supported; only bert and zh_bert", self.palm.encoder));
+            return bad(
+                "encoder",
+                format!(
+                    "{:?} is not supported; only bert and zh_bert",
+                    self.palm.encoder
+                ),
+            );
         }
         if self.palm.dec_hidden_size != self.encoder.hidden_size {
             return bad(
                 "dec_hidden_size",
-                format!("{} differs from the encoder hidden_size {}", self.palm.dec_hidden_size, self.encoder.hidden_size),
+                format!(
+                    "{} differs from the encoder hidden_size {}",
+                    self.palm.dec_hidden_size, self.encoder.hidden_size
+                ),
             );
         }
-        if self.palm.dec_heads == 0 || self.palm.dec_hidden_size % self.palm.dec_heads != 0 {
-            return bad("dec_heads", format!("{} does not divide {}", self.palm.dec_heads, self.palm.dec_hidden_size));
+        if self.palm.dec_heads == 0 || !self.palm.dec_hidden_size.is_multiple_of(self.palm.dec_heads) {
+            return bad(
+                "dec_heads",
+                format!(
+                    "{} does not divide {}",
+                    self.palm.dec_heads, self.palm.dec_hidden_size
+                ),
+            );
         }
         let (h, n) = (self.encoder.hidden_size, self.encoder.num_attention_heads);
-        if n == 0 || h % n != 0 {
-            return bad("num_attention_heads", format!("{n} does not divide hidden_size {h}"));
+        if n == 0 || !h.is_multiple_of(n) {
+            return bad(
+                "num_attention_heads",
+                format!("{n} does not divide hidden_size {h}"),
+            );
         }
         if self.palm.max_pos > 512 || self.palm.max_pos > self.encoder.max_position_embeddings {
-            return bad("max_pos", format!("{} exceeds the encoder's position table", self.palm.max_pos));
+            return bad(
+                "max_pos",
+                format!("{} exceeds the encoder's position table", self.palm.max_pos),
+            );
         }
         if self.palm.share_emb {
-            return bad("share_emb", "true is not supported (the reference crashes on it)".into());
+            return bad(
+                "share_emb",
+                "true is not supported (the reference crashes on it)".into(),
+            );
         }
         if self.encoder.hidden_act != "gelu" {
-            return bad("hidden_act", format!("{:?} is not supported; only gelu", self.encoder.hidden_act));
+            return bad(
+                "hidden_act",
+                format!("{:?} is not supported; only gelu", self.encoder.hidden_act),
+            );
         }
         Ok(())
     }
@@ -238,7 +265,11 @@ impl ModelConfig {
         let linear = |i: usize, o: usize| i * o + o;
         let ln = 2 * d;
         let embeddings = (e.vocab_size + e.max_position_embeddings + e.type_vocab_size) * d + ln;
-        let enc_layer = 4 * linear(d, d) + ln + linear(d, e.intermediate_size) + linear(e.intermediate_size, d) + ln;
+        let enc_layer = 4 * linear(d, d)
+            + ln
+            + linear(d, e.intermediate_size)
+            + linear(e.intermediate_size, d)
+            + ln;
         let pooler = linear(d, d);
         let ff = self.palm.dec_ff_size;
         let dec_layer = 8 * linear(d, d) + 3 * ln + linear(d, ff) + linear(ff, d);

@@ -3,7 +3,10 @@
 //! LayerNorm. Field names mirror the reference state dict (`transformer_layers.N.self_attn.
 //! linear_keys`, `feed_forward.w_1`, `layer_norm_1`, …).
 
-use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
+    LinearConfig,
+};
 use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
@@ -91,12 +94,17 @@ pub fn positional_table(rows: usize, d: usize) -> Vec<f32> {
 
 fn linear<B: Backend>(i: usize, o: usize, device: &B::Device) -> Linear<B> {
     LinearConfig::new(i, o)
-        .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+        .with_initializer(burn::nn::Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        })
         .init(device)
 }
 
 fn ln<B: Backend>(d: usize, device: &B::Device) -> LayerNorm<B> {
-    LayerNormConfig::new(d).with_epsilon(DECODER_LN_EPS).init(device)
+    LayerNormConfig::new(d)
+        .with_epsilon(DECODER_LN_EPS)
+        .init(device)
 }
 
 impl<B: Backend> MultiHeadedAttention<B> {
@@ -125,7 +133,13 @@ impl<B: Backend> MultiHeadedAttention<B> {
         )
     }
 
-    fn forward(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 3> {
+    fn forward(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        mask: Tensor<B, 4, Bool>,
+    ) -> Tensor<B, 3> {
         self.final_linear
             .forward(merge_heads(attention(q, k, v, Some(mask), &self.dropout)))
     }
@@ -151,9 +165,9 @@ impl<B: Backend> TransformerDecoderLayer<B> {
 
     fn feed_forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let f = &self.feed_forward;
-        let inner = f
-            .dropout_1
-            .forward(gelu_approximate(f.w_1.forward(f.layer_norm.forward(x.clone()))));
+        let inner = f.dropout_1.forward(gelu_approximate(
+            f.w_1.forward(f.layer_norm.forward(x.clone())),
+        ));
         f.dropout_2.forward(f.w_2.forward(inner)) + x
     }
 
@@ -168,7 +182,9 @@ impl<B: Backend> TransformerDecoderLayer<B> {
     ) -> Tensor<B, 3> {
         let xn = self.layer_norm_1.forward(x.clone());
         let (k, v) = self.self_attn.keys_values(xn.clone());
-        let a = self.self_attn.forward(self.self_attn.query(xn), k, v, self_mask);
+        let a = self
+            .self_attn
+            .forward(self.self_attn.query(xn), k, v, self_mask);
         let q = self.drop.forward(a) + x;
         let qn = self.layer_norm_2.forward(q.clone());
         let (mk, mv) = self.context_attn.keys_values(memory);
@@ -179,7 +195,14 @@ impl<B: Backend> TransformerDecoderLayer<B> {
     }
 
     /// One cached step for `rows = sources × beams` rows: `x [rows, 1, d]`.
-    fn step(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>, input_pad: Tensor<B, 4, Bool>, src_mask: &Tensor<B, 4, Bool>, beams: usize) -> Tensor<B, 3> {
+    fn step(
+        &self,
+        x: Tensor<B, 3>,
+        cache: &mut LayerCache<B>,
+        input_pad: Tensor<B, 4, Bool>,
+        src_mask: &Tensor<B, 4, Bool>,
+        beams: usize,
+    ) -> Tensor<B, 3> {
         let xn = self.layer_norm_1.forward(x.clone());
         let (k, v) = self.self_attn.keys_values(xn.clone());
         let (k, v) = match (cache.self_keys.take(), cache.self_values.take()) {
@@ -189,7 +212,9 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         cache.self_keys = Some(k.clone());
         cache.self_values = Some(v.clone());
         // The reference masks every cached key when the current input is PAD.
-        let a = self.self_attn.forward(self.self_attn.query(xn), k, v, input_pad);
+        let a = self
+            .self_attn
+            .forward(self.self_attn.query(xn), k, v, input_pad);
         let q = self.drop.forward(a) + x;
         let qn = self.layer_norm_2.forward(q.clone());
         // Beams of one source share its memory keys/values: the beams become query positions.
@@ -262,9 +287,10 @@ impl<B: Backend> DecoderCache<B> {
     pub fn keep_sources(&mut self, sources: &[usize]) {
         let device = self.src_mask.device();
         let src_idx: Vec<i64> = sources.iter().map(|&s| s as i64).collect();
+        let beams = self.beams;
         let row_idx: Vec<i64> = sources
             .iter()
-            .flat_map(|&s| (0..self.beams).map(move |b| (s * self.beams + b) as i64))
+            .flat_map(|&s| (0..beams).map(move |b| (s * beams + b) as i64))
             .collect();
         let n = src_idx.len();
         let src_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(src_idx, [n]), &device);
@@ -282,14 +308,25 @@ impl<B: Backend> DecoderCache<B> {
 
 impl<B: Backend> TransformerDecoder<B> {
     /// A randomly initialised decoder.
-    pub fn new(vocab: usize, d: usize, layers: usize, heads: usize, ff: usize, dropout: f64, device: &B::Device) -> Self {
+    pub fn new(
+        vocab: usize,
+        d: usize,
+        layers: usize,
+        heads: usize,
+        ff: usize,
+        dropout: f64,
+        device: &B::Device,
+    ) -> Self {
         let pe = Tensor::from_data(
             TensorData::new(positional_table(MAX_POSITIONS, d), [MAX_POSITIONS, d]),
             device,
         );
         TransformerDecoder {
             embeddings: EmbeddingConfig::new(vocab, d)
-                .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+                .with_initializer(burn::nn::Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
                 .init(device),
             transformer_layers: (0..layers)
                 .map(|_| TransformerDecoderLayer::new(d, heads, ff, dropout, device))
@@ -304,18 +341,31 @@ impl<B: Backend> TransformerDecoder<B> {
     /// Embeddings × sqrt(d) + positions `start..start+t`, then dropout.
     fn embed(&self, tokens: Tensor<B, 2, Int>, start: usize) -> Tensor<B, 3> {
         let [_, t] = tokens.dims();
-        let emb = self.embeddings.forward(tokens).mul_scalar((self.d_model as f64).sqrt());
-        let pos = self.pe.clone().slice([start..start + t]).unsqueeze::<3>();
+        let emb = self
+            .embeddings
+            .forward(tokens)
+            .mul_scalar((self.d_model as f64).sqrt());
+        let pos = self.pe.clone().slice(start..start + t).unsqueeze::<3>();
         self.pos_dropout.forward(emb + pos)
     }
 
     /// Teacher-forced decoding of `tgt [b, t]` against `memory [b, s, d]`: the hidden states
     /// after the final LayerNorm, `[b, t, d]`.
-    pub fn forward(&self, tgt: Tensor<B, 2, Int>, memory: Tensor<B, 3>, src_pad: Tensor<B, 2, Bool>, pad_id: i64) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        tgt: Tensor<B, 2, Int>,
+        memory: Tensor<B, 3>,
+        src_pad: Tensor<B, 2, Bool>,
+        pad_id: i64,
+    ) -> Tensor<B, 3> {
         let [b, t] = tgt.dims();
         let device = tgt.device();
         // Key j is hidden from query i when tgt[j] is PAD or j > i.
-        let key_pad = tgt.clone().equal_elem(pad_id).unsqueeze_dim::<3>(1).expand([b, t, t]);
+        let key_pad = tgt
+            .clone()
+            .equal_elem(pad_id)
+            .unsqueeze_dim::<3>(1)
+            .expand([b, t, t]);
         let causal = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &device)
             .unsqueeze::<3>()
             .expand([b, t, t]);
@@ -329,7 +379,12 @@ impl<B: Backend> TransformerDecoder<B> {
     }
 
     /// A cache for `beams` rows per source; memory keys/values are projected here, once.
-    pub fn init_cache(&self, memory: Tensor<B, 3>, src_pad: Tensor<B, 2, Bool>, beams: usize) -> DecoderCache<B> {
+    pub fn init_cache(
+        &self,
+        memory: Tensor<B, 3>,
+        src_pad: Tensor<B, 2, Bool>,
+        beams: usize,
+    ) -> DecoderCache<B> {
         let layers = self
             .transformer_layers
             .iter()
@@ -353,7 +408,12 @@ impl<B: Backend> TransformerDecoder<B> {
 
     /// Feeds one token per row (`[rows]`) at position `cache.step`; returns the hidden state
     /// after the final LayerNorm, `[rows, d]`.
-    pub fn step(&self, tokens: Tensor<B, 1, Int>, cache: &mut DecoderCache<B>, pad_id: i64) -> Tensor<B, 2> {
+    pub fn step(
+        &self,
+        tokens: Tensor<B, 1, Int>,
+        cache: &mut DecoderCache<B>,
+        pad_id: i64,
+    ) -> Tensor<B, 2> {
         let [rows] = tokens.dims();
         let tokens = tokens.unsqueeze_dim::<2>(1);
         let input_pad = tokens.clone().equal_elem(pad_id).reshape([rows, 1, 1, 1]);

@@ -2,7 +2,10 @@
 //! state-dict paths (`embeddings.word_embeddings`, `encoder.layer.N.attention.self.query`, …)
 //! so that import needs only the remaps in `import.rs`.
 
-use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
+    LinearConfig,
+};
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 
@@ -107,7 +110,10 @@ pub struct BertModel<B: Backend> {
 
 fn linear<B: Backend>(i: usize, o: usize, device: &B::Device) -> Linear<B> {
     LinearConfig::new(i, o)
-        .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+        .with_initializer(burn::nn::Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        })
         .init(device)
 }
 
@@ -121,7 +127,10 @@ impl<B: Backend> BertModel<B> {
         let d = c.hidden_size;
         let emb = |n: usize| {
             EmbeddingConfig::new(n, d)
-                .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+                .with_initializer(burn::nn::Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
                 .init(device)
         };
         let drop = DropoutConfig::new(c.hidden_dropout_prob).init();

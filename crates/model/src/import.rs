@@ -56,12 +56,16 @@ fn remapped(key: &str) -> String {
 }
 
 /// Loads a ModelScope `pytorch_model.bin` into `model`, strictly.
-pub fn load_pytorch<B: Backend, M: ModuleSnapshot<B>>(model: &mut M, path: &Path) -> Result<ImportReport> {
+pub fn load_pytorch<B: Backend, M: ModuleSnapshot<B>>(
+    model: &mut M,
+    path: &Path,
+) -> Result<ImportReport> {
     let checkpoint_error = |message: String| Error::Checkpoint {
         path: path.to_path_buf(),
         message,
     };
-    let reader = PytorchReader::new(path).map_err(|e| checkpoint_error(format!("cannot read: {e}")))?;
+    let reader =
+        PytorchReader::new(path).map_err(|e| checkpoint_error(format!("cannot read: {e}")))?;
     let keys = reader.keys();
     drop(reader);
     // PreSumm checkpoints wrap the state dict with optimizer state: {"model": …, "optim": …}.
@@ -75,7 +79,9 @@ pub fn load_pytorch<B: Backend, M: ModuleSnapshot<B>>(model: &mut M, path: &Path
         keys
     };
     let names: Vec<String> = keys.iter().map(|k| remapped(k)).collect();
-    let mut store = PytorchStore::from_file(path).validate(false).allow_partial(true);
+    let mut store = PytorchStore::from_file(path)
+        .validate(false)
+        .allow_partial(true);
     if wrapped {
         store = store.with_top_level_key("model");
     }
@@ -85,7 +91,10 @@ pub fn load_pytorch<B: Backend, M: ModuleSnapshot<B>>(model: &mut M, path: &Path
     // Tie: PyTorch copies parameters in module order, so the generator's copy wins.
     if names.iter().any(|n| n == "generator.dense.weight") {
         store = store
-            .with_key_remapping(r"^decoder\.embeddings\.weight$", "__tied__.decoder.embeddings.weight")
+            .with_key_remapping(
+                r"^decoder\.embeddings\.weight$",
+                "__tied__.decoder.embeddings.weight",
+            )
             .with_key_remapping(r"^generator\.dense\.weight$", "decoder.embeddings.weight");
     }
     let result = model
@@ -101,8 +110,23 @@ pub fn load_pytorch<B: Backend, M: ModuleSnapshot<B>>(model: &mut M, path: &Path
         .iter()
         .map(|p| regex::Regex::new(p).expect("valid pattern"))
         .collect();
+    // burn-store lists a norm's file key `weight`/`bias` as unused even when the adapter loaded
+    // it into `gamma`/`beta`; those keys were used.
+    let consumed_by_norm = |key: &str| {
+        let alt = if let Some(p) = key.strip_suffix(".weight") {
+            format!("{p}.gamma")
+        } else if let Some(p) = key.strip_suffix(".bias") {
+            format!("{p}.beta")
+        } else {
+            return false;
+        };
+        result.applied.contains(&alt)
+    };
     let mut ignored = Vec::new();
     for key in &result.unused {
+        if consumed_by_norm(key) {
+            continue;
+        }
         if ignored_res.iter().any(|re| re.is_match(key)) {
             ignored.push(key.clone());
         } else {

@@ -62,7 +62,8 @@ impl<B: Backend> Palm<B> {
             device,
         );
         if p.use_bert_emb {
-            decoder.embeddings.weight = Param::from_tensor(bert.embeddings.word_embeddings.weight.val());
+            decoder.embeddings.weight =
+                Param::from_tensor(bert.embeddings.word_embeddings.weight.val());
         }
         Palm {
             bert,
@@ -96,15 +97,20 @@ impl<B: Backend> Palm<B> {
     /// Log-probabilities over the vocabulary of decoder states `[.., d]`.
     pub fn generate_log_probs<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         let w = self.decoder.embeddings.weight.val();
-        let logits = hidden.matmul(w.transpose().unsqueeze::<D>()) + self.generator.dense.bias.val().unsqueeze::<D>();
+        let logits = hidden.matmul(w.transpose().unsqueeze::<D>())
+            + self.generator.dense.bias.val().unsqueeze::<D>();
         log_softmax(logits, D - 1)
     }
 
     /// Teacher-forced decoder states after the final LayerNorm: `[b, t, d]` for the decoder
     /// input `tgt_in [b, t]` (the target without its last token).
     pub fn decode_hidden(&self, memory: &Memory<B>, tgt_in: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.decoder
-            .forward(tgt_in, memory.hidden.clone(), memory.src_pad.clone(), self.pad_id)
+        self.decoder.forward(
+            tgt_in,
+            memory.hidden.clone(),
+            memory.src_pad.clone(),
+            self.pad_id,
+        )
     }
 
     /// Log-probabilities `[b, t, vocab]` of the next token at every position of `tgt_in`.

@@ -36,19 +36,18 @@ fn main() -> Result<(), BoxError> {
     let reader = BufReader::new(std::fs::File::open(corpus)?);
     let (mut rows, mut slow, mut fast) = (0u64, Duration::ZERO, Duration::ZERO);
     let mut texts: Vec<String> = Vec::with_capacity(2 * 8192);
-    let mut flush =
-        |texts: &mut Vec<String>, rows: &mut u64| -> Result<(), BoxError> {
-            let inputs: Vec<EncodeInput> = texts.iter().map(|t| t.as_str().into()).collect();
-            let t = Instant::now();
-            std::hint::black_box(tok.encode_batch(inputs.clone(), true)?);
-            slow += t.elapsed();
-            let t = Instant::now();
-            std::hint::black_box(tok.encode_batch_fast(inputs, true)?);
-            fast += t.elapsed();
-            *rows += texts.len() as u64 / 2;
-            texts.clear();
-            Ok(())
-        };
+    let mut flush = |texts: &mut Vec<String>, rows: &mut u64| -> Result<(), BoxError> {
+        let inputs: Vec<EncodeInput> = texts.iter().map(|t| t.as_str().into()).collect();
+        let t = Instant::now();
+        std::hint::black_box(tok.encode_batch(inputs.clone(), true)?);
+        slow += t.elapsed();
+        let t = Instant::now();
+        std::hint::black_box(tok.encode_batch_fast(inputs, true)?);
+        fast += t.elapsed();
+        *rows += texts.len() as u64 / 2;
+        texts.clear();
+        Ok(())
+    };
     for line in reader.lines() {
         let v: serde_json::Value = serde_json::from_str(&line?)?;
         texts.push(v["src"].as_str().unwrap_or_default().to_owned());
