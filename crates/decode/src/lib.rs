@@ -1,8 +1,167 @@
 //! Beam search and greedy decoding for PALM over the model's KV cache.
 //!
-//! `palm-decode` will own the reference beam search of `palm-reference.md` §5 (GNMT length
-//! penalty, minimum and maximum length, an item finishes when its top beam ends, EOS beams
-//! recorded but not pruned), batched over sources, with cross-attention keys and values
-//! computed once per source and shared by its beams. It works on token ids; it must not depend
-//! on tokenizers or arrow. The search lands with the model issue; this crate holds its
-//! dependencies until then.
+//! `palm-decode` owns the reference search of `palm-reference.md` §5 (PreSumm's
+//! `_fast_translate_batch`): GNMT length penalty ((5 + step + 1) / 6)^alpha, EOS forbidden
+//! before `min_length` generated tokens, at most `max_length` steps, an item finishes when its
+//! *top* beam emits EOS (every beam then records a hypothesis), EOS beams of lower rank are
+//! recorded but stay alive, and the best recorded hypothesis wins. Greedy decoding is beam
+//! size 1. Sources are decoded in batches; the encoder output and the cross-attention
+//! keys/values are computed once per source and shared by its beams. It works on token ids
+//! only: no tokenizers, no arrow.
+//!
+//! ```
+//! use burn::prelude::*;
+//! use burn_ndarray::{NdArray, NdArrayDevice};
+//! use palm_decode::{BeamConfig, beam_search};
+//! use palm_model::{ModelConfig, Palm};
+//!
+//! let device = NdArrayDevice::Cpu;
+//! let model = Palm::<NdArray<f32>>::new(&ModelConfig::tiny(50), &device);
+//! let src = Tensor::<NdArray<f32>, 2, Int>::from_data(TensorData::new(vec![2i64, 7, 9, 3], [1, 4]), &device);
+//! let config = BeamConfig { beam_size: 3, alpha: 0.95, min_length: 2, max_length: 5, bos: 2, eos: 3 };
+//! let hyps = beam_search(&model, src, &config);
+//! assert!(hyps[0].tokens.len() >= 2 && hyps[0].tokens.len() <= 5);
+//! ```
+
+use burn::prelude::*;
+use palm_model::Palm;
+
+/// Search settings; the reference's defaults are those of `PalmConfig`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BeamConfig {
+    /// Beams per source (1 = greedy).
+    pub beam_size: usize,
+    /// Length-penalty exponent.
+    pub alpha: f64,
+    /// Generated tokens before EOS is allowed.
+    pub min_length: usize,
+    /// Decoding steps at most.
+    pub max_length: usize,
+    /// Start token (`[CLS]`).
+    pub bos: u32,
+    /// End token (`[SEP]`).
+    pub eos: u32,
+}
+
+/// The chosen output of one source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hypothesis {
+    /// Generated ids without BOS, with the final EOS when it ended by one.
+    pub tokens: Vec<u32>,
+    /// Length-normalised log-probability at the step it was recorded.
+    pub score: f32,
+}
+
+/// The GNMT length penalty at `step` (0-based), computed as the reference does (in double
+/// precision, then applied to single-precision scores).
+pub fn length_penalty(step: usize, alpha: f64) -> f32 {
+    ((5.0 + (step + 1) as f64) / 6.0).powf(alpha) as f32
+}
+
+/// Decodes every row of `src [n, s]` (PAD-padded ids) and returns one hypothesis per row.
+pub fn beam_search<B: Backend>(
+    model: &Palm<B>,
+    src: Tensor<B, 2, Int>,
+    config: &BeamConfig,
+) -> Vec<Hypothesis> {
+    let k = config.beam_size.max(1);
+    let [n, _] = src.dims();
+    let device = src.device();
+    let vocab = model.vocab_size();
+    let memory = model.encode(src);
+    let mut cache = model.init_cache(&memory, k);
+    drop(memory);
+
+    // Per current item: its original index, its beams' sequences and running scores.
+    let mut offsets: Vec<usize> = (0..n).collect();
+    let mut alive: Vec<Vec<u32>> = vec![vec![config.bos]; n * k];
+    let mut running: Vec<f32> = (0..n * k)
+        .map(|r| if r % k == 0 { 0.0 } else { f32::NEG_INFINITY })
+        .collect();
+    let mut hypotheses: Vec<Vec<(f32, Vec<u32>)>> = vec![Vec::new(); n];
+    let mut results: Vec<Option<Hypothesis>> = vec![None; n];
+    let eos_mask = Tensor::<B, 1, Int>::arange(0..vocab as i64, &device)
+        .equal_elem(config.eos as i64)
+        .unsqueeze::<2>();
+
+    for step in 0..config.max_length {
+        let items = offsets.len();
+        let rows = items * k;
+        let last: Vec<i64> = alive
+            .iter()
+            .map(|s| *s.last().expect("starts with BOS") as i64)
+            .collect();
+        let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [rows]), &device);
+        let mut lp = model.step(tokens, &mut cache);
+        if step < config.min_length {
+            lp = lp.mask_fill(eos_mask.clone().expand([rows, vocab]), -1e20);
+        }
+        let penalty = length_penalty(step, config.alpha);
+        let run = Tensor::<B, 1>::from_data(TensorData::new(running.clone(), [rows]), &device);
+        let curr = (lp + run.unsqueeze_dim::<2>(1)).div_scalar(penalty);
+        let (scores, ids) = curr.reshape([items, k * vocab]).topk_with_indices(k, 1);
+        let scores: Vec<f32> = scores.into_data().iter::<f32>().collect();
+        let ids: Vec<i64> = ids.into_data().iter::<i64>().collect();
+
+        let mut new_alive = Vec::with_capacity(rows);
+        let mut origins = Vec::with_capacity(rows);
+        for i in 0..items {
+            for j in 0..k {
+                let id = ids[i * k + j] as usize;
+                let origin = i * k + id / vocab;
+                let mut seq = alive[origin].clone();
+                seq.push((id % vocab) as u32);
+                new_alive.push(seq);
+                origins.push(origin);
+            }
+        }
+        running = scores.iter().map(|s| s * penalty).collect();
+        let last_step = step + 1 == config.max_length;
+        let mut kept = Vec::with_capacity(items);
+        for i in 0..items {
+            let b = offsets[i];
+            let top_done = last_step || new_alive[i * k].last() == Some(&config.eos);
+            for j in 0..k {
+                let finished = top_done || new_alive[i * k + j].last() == Some(&config.eos);
+                if finished {
+                    hypotheses[b].push((scores[i * k + j], new_alive[i * k + j][1..].to_vec()));
+                }
+            }
+            if top_done {
+                // A stable sort keeps the first recorded of equal scores first, as Python's.
+                let mut hyps = std::mem::take(&mut hypotheses[b]);
+                hyps.sort_by(|a, b| b.0.total_cmp(&a.0));
+                let (score, tokens) = hyps.swap_remove(0);
+                results[b] = Some(Hypothesis { tokens, score });
+            } else {
+                kept.push(i);
+            }
+        }
+        if kept.is_empty() {
+            break;
+        }
+        let row_origins: Vec<usize> = kept
+            .iter()
+            .flat_map(|&i| origins[i * k..(i + 1) * k].iter().copied())
+            .collect();
+        cache.select(&kept, &row_origins);
+        alive = kept
+            .iter()
+            .flat_map(|&i| new_alive[i * k..(i + 1) * k].iter().cloned())
+            .collect();
+        running = kept
+            .iter()
+            .flat_map(|&i| running[i * k..(i + 1) * k].to_vec())
+            .collect();
+        offsets = kept.iter().map(|&i| offsets[i]).collect();
+    }
+    results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or(Hypothesis {
+                tokens: Vec::new(),
+                score: f32::NEG_INFINITY,
+            })
+        })
+        .collect()
+}

@@ -215,7 +215,12 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.palm.dec_heads == 0 || !self.palm.dec_hidden_size.is_multiple_of(self.palm.dec_heads) {
+        if self.palm.dec_heads == 0
+            || !self
+                .palm
+                .dec_hidden_size
+                .is_multiple_of(self.palm.dec_heads)
+        {
             return bad(
                 "dec_heads",
                 format!(

@@ -283,6 +283,32 @@ impl<B: Backend> DecoderCache<B> {
         }
     }
 
+    /// Beam-search bookkeeping in one step: keeps the sources `kept` (indices into the current
+    /// sources, in order) and makes new row `r` continue from current row `origins[r]`
+    /// (`kept.len() × beams` entries). Memory keys/values are selected per source, never per row.
+    pub fn select(&mut self, kept: &[usize], origins: &[usize]) {
+        let device = self.src_mask.device();
+        let to_tensor = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), &device)
+        };
+        let rows = to_tensor(origins.iter().map(|&r| r as i64).collect());
+        let all_sources =
+            kept.len() == self.sources() && kept.iter().enumerate().all(|(i, &s)| i == s);
+        let sources = (!all_sources).then(|| to_tensor(kept.iter().map(|&s| s as i64).collect()));
+        if let Some(src) = &sources {
+            self.src_mask = self.src_mask.clone().select(0, src.clone());
+        }
+        for l in &mut self.layers {
+            if let Some(src) = &sources {
+                l.memory_keys = l.memory_keys.clone().select(0, src.clone());
+                l.memory_values = l.memory_values.clone().select(0, src.clone());
+            }
+            l.self_keys = l.self_keys.take().map(|k| k.select(0, rows.clone()));
+            l.self_values = l.self_values.take().map(|v| v.select(0, rows.clone()));
+        }
+    }
+
     /// Keeps only the given sources (`[kept]`, indices into the current sources) and their rows.
     pub fn keep_sources(&mut self, sources: &[usize]) {
         let device = self.src_mask.device();

@@ -1,0 +1,129 @@
+//! Beam and greedy outputs against ModelScope's `Translator` on the tiny fixture model
+//! (`crates/model/tests/fixtures/make_model_fixtures.py`).
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn_ndarray::{NdArray, NdArrayDevice};
+use palm_decode::{BeamConfig, beam_search};
+use palm_model::{ModelConfig, Palm, import};
+use serde_json::Value;
+
+type B = NdArray<f32>;
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tiny")
+}
+
+fn setup() -> (Palm<B>, Value) {
+    let d = dir();
+    let config = ModelConfig::from_model_dir(&d).unwrap();
+    let mut model = Palm::<B>::new(&config, &NdArrayDevice::Cpu);
+    import::load_pytorch(&mut model, &d.join("pytorch_model.bin")).unwrap();
+    let g = serde_json::from_str(&std::fs::read_to_string(d.join("golden.json")).unwrap()).unwrap();
+    (model, g)
+}
+
+fn row(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+/// The source ids of example `i` without padding.
+fn source(g: &Value, i: usize) -> Vec<i64> {
+    row(&g["src_ids"][i])
+        .into_iter()
+        .filter(|&x| x != 0)
+        .collect()
+}
+
+fn batch(rows: &[Vec<i64>]) -> Tensor<B, 2, Int> {
+    let s = rows.iter().map(Vec::len).max().unwrap();
+    let mut flat = Vec::new();
+    for r in rows {
+        flat.extend(r);
+        flat.extend(std::iter::repeat_n(0, s - r.len()));
+    }
+    Tensor::from_data(TensorData::new(flat, [rows.len(), s]), &NdArrayDevice::Cpu)
+}
+
+fn config(g: &Value, beam: usize) -> BeamConfig {
+    BeamConfig {
+        beam_size: beam,
+        alpha: g["alpha"].as_f64().unwrap(),
+        min_length: g["min_length"].as_u64().unwrap() as usize,
+        max_length: g["max_length"].as_u64().unwrap() as usize,
+        bos: 101,
+        eos: 102,
+    }
+}
+
+fn expected(g: &Value, key: &str, i: usize) -> Vec<u32> {
+    row(&g[key][i]).into_iter().map(|x| x as u32).collect()
+}
+
+#[test]
+fn beam_and_greedy_match_the_reference_one_source_at_a_time() {
+    let (model, g) = setup();
+    let n = g["src_ids"].as_array().unwrap().len();
+    for i in 0..n {
+        let src = batch(&[source(&g, i)]);
+        let beam = beam_search(
+            &model,
+            src.clone(),
+            &config(&g, g["beam"].as_u64().unwrap() as usize),
+        );
+        assert_eq!(
+            beam[0].tokens,
+            expected(&g, "beam_ids", i),
+            "beam, example {i}"
+        );
+        let greedy = beam_search(&model, src, &config(&g, 1));
+        assert_eq!(
+            greedy[0].tokens,
+            expected(&g, "greedy_ids", i),
+            "greedy, example {i}"
+        );
+    }
+}
+
+#[test]
+fn batched_padded_sources_give_the_same_outputs() {
+    let (model, g) = setup();
+    let n = g["src_ids"].as_array().unwrap().len();
+    let rows: Vec<Vec<i64>> = (0..n).map(|i| source(&g, i)).collect();
+    let out = beam_search(
+        &model,
+        batch(&rows),
+        &config(&g, g["beam"].as_u64().unwrap() as usize),
+    );
+    for (i, h) in out.iter().enumerate() {
+        assert_eq!(h.tokens, expected(&g, "beam_ids", i), "example {i}");
+    }
+}
+
+#[test]
+fn min_and_max_length_bound_the_output() {
+    let (model, g) = setup();
+    let src = batch(&[source(&g, 0)]);
+    let mut c = config(&g, 3);
+    c.min_length = 12;
+    c.max_length = 15;
+    let h = &beam_search(&model, src.clone(), &c)[0];
+    assert!(
+        h.tokens.len() >= 12 && h.tokens.len() <= 15,
+        "{:?}",
+        h.tokens
+    );
+    assert!(
+        !h.tokens[..11].contains(&102),
+        "EOS before min_length: {:?}",
+        h.tokens
+    );
+    c.min_length = 0;
+    c.max_length = 2;
+    assert!(beam_search(&model, src, &c)[0].tokens.len() <= 2);
+}
