@@ -2,7 +2,10 @@
 //! function per subcommand; the work lives in the `palm-*` crates.
 
 mod eval;
+mod generate;
+mod model_dir;
 mod prepare;
+mod score;
 mod vocab;
 
 use std::process::ExitCode;
@@ -38,6 +41,16 @@ enum Command {
         after_help = "Examples:\n  palm prepare --input train.jsonl --vocab vocab.txt --output data/train\n  palm prepare --input AdvertiseGen/train.json --format adgen --vocab vocab.txt --output data/adgen\n  palm prepare --input PART_I.txt --format lcsts --vocab vocab.txt --output data/lcsts"
     )]
     Prepare(prepare::Args),
+    /// Generate text with beam search (or greedy) from a ModelScope or palm model directory.
+    #[command(
+        after_help = "Examples:\n  palm generate --model pretrained/ --text \"类型#上衣*颜色#白色\"\n  palm generate --model run/model --input test.jsonl --output pred.jsonl --beam-size 4 --batch-size 16"
+    )]
+    Generate(generate::Args),
+    /// Per-example NLL of targets under a model: {"nll", "tokens"} per input row.
+    #[command(
+        after_help = "Example:\n  palm score --model pretrained/ --input dev.jsonl --output nll.jsonl"
+    )]
+    Score(score::Args),
     /// Score predictions against references: ROUGE-1/2/L and BLEU-1/4 as ModelScope computes them.
     #[command(after_help = "Example:\n  palm eval --hyp pred.txt --ref gold.txt --json")]
     Eval(eval::Args),
@@ -50,6 +63,8 @@ fn main() -> ExitCode {
         Command::Vocab(args) => vocab::run(args),
         Command::Prepare(args) => prepare::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Score(args) => score::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -263,3 +263,139 @@ fn usage_errors_exit_2() {
     ]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+fn model_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../model/tests/fixtures")
+        .join(name)
+}
+
+/// The unseen fixture model's 64 examples as generate/score input, with the reference values.
+fn unseen_inputs(dir: &Path) -> (PathBuf, serde_json::Value) {
+    let g: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model_fixture("unseen").join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    let mut rows = String::new();
+    for (s, t) in g["src"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(g["tgt"].as_array().unwrap())
+    {
+        rows.push_str(&serde_json::json!({"src": s, "tgt": t}).to_string());
+        rows.push('\n');
+    }
+    let input = dir.join("unseen.jsonl");
+    std::fs::write(&input, rows).unwrap();
+    (input, g)
+}
+
+#[test]
+fn score_matches_the_reference_nll_on_an_unseen_modelscope_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, g) = unseen_inputs(dir.path());
+    let out = dir.path().join("nll.jsonl");
+    let model = model_fixture("unseen");
+    let o = palm(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "7",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 64);
+    for (i, (got, want)) in lines.iter().zip(g["nll"].as_array().unwrap()).enumerate() {
+        let (got, want) = (got["nll"].as_f64().unwrap(), want.as_f64().unwrap());
+        assert!(
+            ((got - want) / want).abs() <= 1e-4,
+            "row {i}: {got} vs {want}"
+        );
+        assert_eq!(lines[i]["tokens"], g["tokens"][i]);
+    }
+}
+
+#[test]
+fn generate_matches_the_reference_text_at_batch_1_and_16() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, g) = unseen_inputs(dir.path());
+    let model = model_fixture("unseen");
+    let expected: Vec<&str> = g["beam_text"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for batch in ["1", "16"] {
+        let out = dir.path().join(format!("pred-{batch}.jsonl"));
+        let o = palm(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--beam-size",
+            "4",
+            "--alpha",
+            "0.95",
+            "--min-length",
+            "3",
+            "--max-length",
+            "24",
+            "--batch-size",
+            batch,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let preds: Vec<String> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["pred"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(preds.len(), 64);
+        let same = preds.iter().zip(&expected).filter(|(p, e)| p == e).count();
+        assert!(
+            same >= 63,
+            "batch {batch}: only {same} of 64 equal the reference"
+        );
+    }
+}
+
+#[test]
+fn generate_text_and_bad_model_dir() {
+    let model = model_fixture("tiny");
+    let o = palm(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        "颜色#黑色",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
+    let dir = tempfile::tempdir().unwrap();
+    let o = palm(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--text",
+        "x",
+    ]);
+    assert_bad_input(&o, "not a model directory");
+}

@@ -138,3 +138,101 @@ pub fn load_pytorch<B: Backend, M: ModuleSnapshot<B>>(
         ignored,
     })
 }
+
+/// The kind of a model directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirKind {
+    /// ModelScope: `config.json`, `pytorch_model.bin`, the encoder subfolder.
+    ModelScope,
+    /// Written by palm: `palm.json` and `model.mpk`.
+    Native,
+}
+
+/// File name of a native model's configuration.
+pub const NATIVE_CONFIG: &str = "palm.json";
+/// File name (without extension) of a native model's weights.
+pub const NATIVE_WEIGHTS: &str = "model";
+
+/// Tells a native directory from a ModelScope one by the files present.
+pub fn dir_kind(dir: &Path) -> Result<DirKind> {
+    if dir.join(NATIVE_CONFIG).is_file() {
+        Ok(DirKind::Native)
+    } else if dir.join("pytorch_model.bin").is_file() {
+        Ok(DirKind::ModelScope)
+    } else if !dir.is_dir() {
+        Err(Error::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such model directory"),
+        })
+    } else {
+        Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            message: format!(
+                "not a model directory: neither {NATIVE_CONFIG} (palm) nor pytorch_model.bin (ModelScope)"
+            ),
+        })
+    }
+}
+
+/// Loads a model directory of either kind.
+pub fn load_dir<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(crate::ModelConfig, crate::Palm<B>)> {
+    use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+    match dir_kind(dir)? {
+        DirKind::ModelScope => {
+            let config = crate::ModelConfig::from_model_dir(dir)?;
+            let mut model = crate::Palm::new(&config, device);
+            load_pytorch(&mut model, &dir.join("pytorch_model.bin"))?;
+            Ok((config, model))
+        }
+        DirKind::Native => {
+            let path = dir.join(NATIVE_CONFIG);
+            let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let config: crate::ModelConfig =
+                serde_json::from_str(&text).map_err(|e| Error::Config {
+                    path: path.display().to_string(),
+                    key: String::new(),
+                    message: e.to_string(),
+                })?;
+            config.validate(&path.display().to_string())?;
+            let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+            let model = crate::Palm::new(&config, device)
+                .load_file(dir.join(NATIVE_WEIGHTS), &recorder, device)
+                .map_err(|e| Error::Checkpoint {
+                    path: dir.join(format!("{NATIVE_WEIGHTS}.mpk")),
+                    message: e.to_string(),
+                })?;
+            Ok((config, model))
+        }
+    }
+}
+
+/// Writes `model` as a native directory: `palm.json` and `model.mpk` (the vocabulary is the
+/// caller's to copy).
+pub fn save_native<B: Backend>(
+    model: &crate::Palm<B>,
+    config: &crate::ModelConfig,
+    dir: &Path,
+) -> Result<()> {
+    use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+    model
+        .clone()
+        .save_file(dir.join(NATIVE_WEIGHTS), &recorder)
+        .map_err(|e| Error::Checkpoint {
+            path: dir.join(format!("{NATIVE_WEIGHTS}.mpk")),
+            message: e.to_string(),
+        })?;
+    let path = dir.join(NATIVE_CONFIG);
+    let json = serde_json::to_string_pretty(config).expect("config serializes");
+    std::fs::write(&path, json + "\n").map_err(|source| Error::Io { path, source })
+}

@@ -161,3 +161,25 @@ fn mismatched_checkpoints_name_the_parameter() {
     let e = import::load_pytorch(&mut m, &ckpt).unwrap_err().to_string();
     assert!(e.contains("feed_forward.w_1"), "{e}");
 }
+
+#[test]
+fn native_directory_round_trip_keeps_the_outputs() {
+    let model = load("tiny");
+    let config = ModelConfig::from_model_dir(&dir("tiny")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    import::save_native(&model, &config, out.path()).unwrap();
+    assert_eq!(
+        import::dir_kind(out.path()).unwrap(),
+        import::DirKind::Native
+    );
+    let (config2, reloaded) = import::load_dir::<B>(out.path(), &NdArrayDevice::Cpu).unwrap();
+    assert_eq!(config2, config);
+    let g = golden("tiny");
+    let src = int_tensor(&g["src_ids"]);
+    let tgt = int_tensor(&g["tgt_ids"]);
+    let [b, t] = tgt.dims();
+    let a = model.forward(src.clone(), tgt.clone().slice([0..b, 0..t - 1]));
+    let r = reloaded.forward(src, tgt.slice([0..b, 0..t - 1]));
+    let diff: f32 = (a - r).abs().max().into_scalar();
+    assert_eq!(diff, 0.0);
+}
