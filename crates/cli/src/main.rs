@@ -2,6 +2,7 @@
 //! function per subcommand; the work lives in the `palm-*` crates.
 
 mod eval;
+mod export;
 mod generate;
 mod model_dir;
 mod prepare;
@@ -51,6 +52,9 @@ enum Command {
         after_help = "Example:\n  palm score --model pretrained/ --input dev.jsonl --output nll.jsonl"
     )]
     Score(score::Args),
+    /// Export a model's weights as safetensors with the reference (ModelScope) key names.
+    #[command(after_help = "Example:\n  palm export --model run/model --output palm.safetensors")]
+    Export(export::Args),
     /// Score predictions against references: ROUGE-1/2/L and BLEU-1/4 as ModelScope computes them.
     #[command(after_help = "Example:\n  palm eval --hyp pred.txt --ref gold.txt --json")]
     Eval(eval::Args),
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Command::Vocab(args) => vocab::run(args),
         Command::Prepare(args) => prepare::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Export(args) => export::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
     };

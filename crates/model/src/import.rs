@@ -64,19 +64,26 @@ pub fn load_pytorch<B: Backend, M: ModuleSnapshot<B>>(
         path: path.to_path_buf(),
         message,
     };
-    let reader =
-        PytorchReader::new(path).map_err(|e| checkpoint_error(format!("cannot read: {e}")))?;
-    let keys = reader.keys();
-    drop(reader);
     // PreSumm checkpoints wrap the state dict with optimizer state: {"model": …, "optim": …}.
-    let wrapped = keys.iter().any(|k| k.starts_with("model."))
-        && keys.iter().any(|k| !k.starts_with("model."));
-    let keys: Vec<String> = if wrapped {
-        keys.into_iter()
-            .filter_map(|k| k.strip_prefix("model.").map(str::to_owned))
-            .collect()
-    } else {
-        keys
+    // The optimizer state may not even parse (integer dict keys); then only "model" is read.
+    let (keys, wrapped) = match PytorchReader::new(path) {
+        Ok(reader) => {
+            let keys = reader.keys();
+            let wrapped = keys.iter().any(|k| k.starts_with("model."))
+                && keys.iter().any(|k| !k.starts_with("model."));
+            let keys = if wrapped {
+                keys.into_iter()
+                    .filter_map(|k| k.strip_prefix("model.").map(str::to_owned))
+                    .collect()
+            } else {
+                keys
+            };
+            (keys, wrapped)
+        }
+        Err(first) => match PytorchReader::with_top_level_key(path, "model") {
+            Ok(reader) => (reader.keys(), true),
+            Err(_) => return Err(checkpoint_error(format!("cannot read: {first}"))),
+        },
     };
     let names: Vec<String> = keys.iter().map(|k| remapped(k)).collect();
     let mut store = PytorchStore::from_file(path)

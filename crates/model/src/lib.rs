@@ -16,6 +16,7 @@ pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod encoder;
+pub mod export;
 pub mod import;
 pub mod palm;
 

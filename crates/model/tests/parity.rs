@@ -183,3 +183,91 @@ fn native_directory_round_trip_keeps_the_outputs() {
     let diff: f32 = (a - r).abs().max().into_scalar();
     assert_eq!(diff, 0.0);
 }
+
+#[test]
+fn every_checkpoint_layout_of_the_reference_loader_loads() {
+    let d = dir("layouts");
+    let g = golden("layouts");
+    let config = ModelConfig::from_model_dir(&d).unwrap();
+    let src = int_tensor(&g["src_ids"]);
+    let tgt = int_tensor(&g["tgt_ids"]);
+    let [b, t] = tgt.dims();
+    let expected: Vec<f32> = g["log_probs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|ex| ex.as_array().unwrap().iter())
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
+        .collect();
+    // Plain state dict; PreSumm's {"model": {"module.…"}, "opt", "optim"}; "model.palm." prefixes.
+    for file in ["pytorch_model.bin", "presumm.bin", "prefixed.bin"] {
+        let mut model = Palm::<B>::new(&config, &NdArrayDevice::Cpu);
+        let report = import::load_pytorch(&mut model, &d.join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(report.loaded > 0);
+        let got: Vec<f32> = model
+            .forward(src.clone(), tgt.clone().slice([0..b, 0..t - 1]))
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let max = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, e)| (a - e).abs())
+            .fold(0f32, f32::max);
+        assert!(max <= 1e-4, "{file}: max abs diff {max}");
+    }
+}
+
+#[test]
+fn safetensors_export_has_the_reference_names_and_values() {
+    let model = load("tiny");
+    let out = tempfile::tempdir().unwrap();
+    let path = out.path().join("model.safetensors");
+    palm_model::export::export_safetensors(&model, &path, "palm.").unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    // Every parameter key of the reference checkpoint (buffers aside) and nothing else.
+    let reader =
+        burn_store::pytorch::PytorchReader::new(dir("tiny").join("pytorch_model.bin")).unwrap();
+    let mut expected: Vec<String> = reader
+        .keys()
+        .into_iter()
+        .filter(|k| !k.ends_with(".mask") && !k.ends_with("pos_emb.pe"))
+        .collect();
+    expected.sort();
+    assert_eq!(names, expected);
+    // Values equal the checkpoint's (Linear weights back in PyTorch's [out, in] layout).
+    for key in [
+        "palm.bert.encoder.layer.0.attention.self.query.weight",
+        "palm.decoder.transformer_layers.1.feed_forward.w_1.weight",
+        "palm.bert.embeddings.LayerNorm.weight",
+    ] {
+        let want: Vec<f32> = reader
+            .get(key)
+            .unwrap()
+            .to_data()
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let view = st.tensor(key).unwrap();
+        let got: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(got, want, "{key}");
+        assert_eq!(
+            view.shape(),
+            reader.get(key).unwrap().shape.as_slice(),
+            "{key}"
+        );
+    }
+}
