@@ -46,7 +46,8 @@ fn number_after(text: &str, key: &str) -> Option<f64> {
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("prepare") => prepare(&args[1..]),
-        _ => bail!("usage: cargo xtask bench prepare [--rows N]"),
+        Some("decode") => decode(&args[1..]),
+        _ => bail!("usage: cargo xtask bench prepare [--rows N] | decode [--python PY]"),
     }
 }
 
@@ -144,6 +145,109 @@ fn prepare(args: &[String]) -> Result<()> {
     println!(
         "| {rows} | {cores} | {palm_rate:.0} | {peak_mib:.0} MiB | {tok_rate:.0} | {tok_fast:.0} |"
     );
+    println!("written to {}", dest.display());
+    Ok(())
+}
+
+/// Runs a command and returns its stdout, failing with its stderr.
+fn output(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let o = cmd.output().with_context(|| shown.clone())?;
+    if !o.status.success() {
+        bail!("{shown} failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// Beam-5 decoding of the tiny fixture model on the CPU: `palm generate` against the
+/// reference's `generate` (ModelScope's PyTorch code, when a Python with it is available).
+fn decode(args: &[String]) -> Result<()> {
+    crate::run(cargo().args(["build", "--release", "-p", "palm"]))?;
+    let target = target_dir()?;
+    let work = target.join("bench");
+    std::fs::create_dir_all(&work)?;
+    let model = Path::new("crates/model/tests/fixtures/tiny");
+    // The 64 sources of the fixture set made for the unseen model: same vocabulary and grammar.
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        "crates/model/tests/fixtures/unseen/golden.json",
+    )?)?;
+    let input = work.join("decode-input.jsonl");
+    let mut rows = String::new();
+    for s in golden["src"].as_array().context("no src list")? {
+        rows.push_str(&serde_json::json!({ "src": s }).to_string());
+        rows.push('\n');
+    }
+    std::fs::write(&input, rows)?;
+    let python = flag(args, "--python").map(PathBuf::from).or_else(|| {
+        let home = std::env::var_os("HOME")?;
+        let p = PathBuf::from(home).join("palm-ref/bin/python");
+        p.exists().then_some(p)
+    });
+    let palm = target.join("release/palm");
+    let mut results = Vec::new();
+    println!("| batch | palm tokens/s | reference tokens/s | ratio |");
+    println!("|---:|---:|---:|---:|");
+    for batch in [1usize, 64] {
+        let out = work.join(format!("decode-{batch}.jsonl"));
+        let _ = std::fs::remove_file(&out);
+        let text = output(
+            Command::new(&palm)
+                .args(["generate", "--model"])
+                .arg(model)
+                .arg("--input")
+                .arg(&input)
+                .arg("--output")
+                .arg(&out)
+                .args([
+                    "--beam-size",
+                    "5",
+                    "--alpha",
+                    "0.95",
+                    "--min-length",
+                    "3",
+                    "--max-length",
+                    "24",
+                ])
+                .args(["--batch-size", &batch.to_string()]),
+        )?;
+        let palm_rate = number_after(&text, "s, ").context("palm generate printed no rate")?;
+        let reference = match &python {
+            Some(py) => {
+                let line = output(
+                    Command::new(py)
+                        .arg("xtask/bench/decode_reference.py")
+                        .arg(model)
+                        .arg(&input)
+                        .args(["5", &batch.to_string()]),
+                )?;
+                let v: serde_json::Value = serde_json::from_str(line.trim())?;
+                v["tokens_per_s"].as_f64()
+            }
+            None => None,
+        };
+        let ratio = reference.map(|r| palm_rate / r);
+        println!(
+            "| {batch} | {palm_rate:.0} | {} | {} |",
+            reference.map_or("n/a".into(), |r| format!("{r:.0}")),
+            ratio.map_or("n/a".into(), |r| format!("{r:.2}"))
+        );
+        results.push(serde_json::json!({
+            "batch": batch, "palm_tokens_per_s": palm_rate,
+            "reference_tokens_per_s": reference, "ratio": ratio,
+        }));
+    }
+    let json = serde_json::json!({
+        "benchmark": "decode_cpu",
+        "git_rev": git_rev(),
+        "model": "crates/model/tests/fixtures/tiny",
+        "inputs": 64,
+        "beam": 5,
+        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "results": results,
+        "command": "cargo xtask bench decode",
+    });
+    let dest = Path::new("docs/benchmarks/decode_cpu.json");
+    std::fs::write(dest, serde_json::to_string_pretty(&json)? + "\n")?;
     println!("written to {}", dest.display());
     Ok(())
 }

@@ -83,10 +83,13 @@ pub fn run(args: Args) -> Result<()> {
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
     let mut preds = vec![String::new(); ids.len()];
+    let mut generated = 0usize;
+    let start = std::time::Instant::now();
     for chunk in order.chunks(args.batch_size) {
         let rows: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
         let src = pad_batch(&rows, special.pad, &device);
         for (&i, hyp) in chunk.iter().zip(beam_search(&loaded.model, src, &config)) {
+            generated += hyp.tokens.len();
             preds[i] = loaded.tokenizer.decode(&hyp.tokens);
         }
     }
@@ -99,8 +102,18 @@ pub fn run(args: Args) -> Result<()> {
         serde_json::to_writer(&mut out, &serde_json::json!({"src": src, "pred": pred}))?;
         out.push(b'\n');
     }
+    let secs = start.elapsed().as_secs_f64();
     match &args.output {
-        Some(path) => crate::write_atomic(path, &out),
+        Some(path) => {
+            crate::write_atomic(path, &out)?;
+            println!(
+                "wrote {} predictions to {} ({generated} tokens in {secs:.2} s, {:.0} tokens/s)",
+                preds.len(),
+                path.display(),
+                generated as f64 / secs.max(1e-9)
+            );
+            Ok(())
+        }
         None => std::io::stdout()
             .write_all(&out)
             .context("writing to stdout"),
