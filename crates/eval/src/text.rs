@@ -1,5 +1,6 @@
-//! Text preparation of the reference metric: ModelScope's `rebuild_chinese_str` and Python's
-//! whitespace rules.
+//! ModelScope's `chinese_utils`: `rebuild_chinese_str` (the metric's text preparation) and
+//! `remove_space_between_chinese_chars` (the pipeline's decoding), with Python's whitespace
+//! rules.
 
 /// ModelScope's `CHINESE_PUNCTUATION` (`modelscope/utils/chinese_utils.py`).
 pub const CHINESE_PUNCTUATION: &str = "＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､\u{3000}、〃〈〉《》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏﹑﹔·！？｡。";
@@ -61,6 +62,36 @@ pub fn rebuild_chinese_str(s: &str) -> String {
     out
 }
 
+/// Whether every character of a piece is CJK, Chinese punctuation or ASCII punctuation
+/// (true for the empty piece, as Python's `all([])`).
+fn is_chinese_piece(piece: &str) -> bool {
+    piece
+        .chars()
+        .all(|c| is_chinese_char(c) || is_chinese_punctuation(c) || c.is_ascii_punctuation())
+}
+
+/// Splits on single spaces and glues runs of Chinese pieces together; other pieces stay
+/// space-separated. `"今 天 是 palm 的 日 子"` becomes `"今天是 palm 的日子"`.
+pub fn remove_space_between_chinese_chars(decoded: &str) -> String {
+    let words: Vec<&str> = decoded.split(' ').collect();
+    let mut out: Vec<String> = Vec::with_capacity(words.len());
+    let mut start: Option<usize> = None;
+    for (i, w) in words.iter().enumerate() {
+        if is_chinese_piece(w) {
+            start.get_or_insert(i);
+        } else {
+            if let Some(s) = start.take() {
+                out.push(words[s..i].concat());
+            }
+            out.push((*w).to_owned());
+        }
+    }
+    if let Some(s) = start {
+        out.push(words[s..].concat());
+    }
+    py_strip(&out.join(" ")).to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +102,18 @@ mod tests {
             rebuild_chinese_str("PALM模型，2020年  in\tEMNLP."),
             "PALM 模 型 ， 2020 年 in EMNLP."
         );
+    }
+
+    #[test]
+    fn despacing_glues_chinese_runs_only() {
+        assert_eq!(
+            remove_space_between_chinese_chars("今 天 是 palm 的 日 子 ！"),
+            "今天是 palm 的日子！"
+        );
+        // ASCII punctuation alone is a "Chinese" piece, but a run of one is left as it is.
+        assert_eq!(remove_space_between_chinese_chars("a , b"), "a , b");
+        assert_eq!(remove_space_between_chinese_chars("好 , 的"), "好,的");
+        assert_eq!(remove_space_between_chinese_chars(""), "");
     }
 
     #[test]

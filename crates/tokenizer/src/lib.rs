@@ -4,7 +4,8 @@
 //! WordPiece (through the `tokenizers` crate), PALM's `[CLS] … [SEP]` framing with truncation,
 //! decoding with ModelScope's Chinese de-spacing, and training a `vocab.txt` in the
 //! bert-base-chinese layout. Its main type is [`PalmTokenizer`]; [`train_vocab`] makes
-//! vocabularies. It must not depend on burn or arrow.
+//! vocabularies. It must not depend on burn or arrow; ModelScope's Chinese text utilities come
+//! from the std-only `palm-eval`.
 //!
 //! ```
 //! use palm_tokenizer::PalmTokenizer;
@@ -16,10 +17,11 @@
 //! assert_eq!(tok.decode(&ids), "你好，世界");
 //! ```
 
-mod despace;
 pub mod vocab;
 
-pub use despace::remove_space_between_chinese_chars;
+/// ModelScope's de-spacing of decoded Chinese text (it lives with the rest of ModelScope's
+/// `chinese_utils` in `palm-eval`).
+pub use palm_eval::text::remove_space_between_chinese_chars;
 pub use vocab::{TrainOptions, train_vocab};
 
 use std::collections::HashMap;

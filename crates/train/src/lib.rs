@@ -1,6 +1,19 @@
 //! Training PALM with burn-train: batcher, label-smoothed loss, schedule, checkpoints.
 //!
-//! `palm-train` will own fine-tuning and pre-training with burn-train's `Learner`: the batcher
-//! that pads and shifts targets, the label-smoothed loss of `palm-reference.md` §4, the
-//! reference's warm-up schedule, metrics and checkpoints. It lands with the training issue; this
-//! crate holds its dependencies until then.
+//! `palm-train` owns what turns prepared shards into a trained model: the reference's
+//! label-smoothed loss ([`loss`]) and learning-rate schedule ([`schedule`]), and (with the
+//! training issue) the batcher, burn-train's `Learner`, metrics and checkpoints.
+//!
+//! ```
+//! use palm_train::schedule::InverseSqrtWarmup;
+//!
+//! // ModelScope's card recipe: lr 1e-3, 500 warm-up steps; the peak is at step 500.
+//! let s = InverseSqrtWarmup::new(1e-3, 500);
+//! assert!(s.at(500) > s.at(499) && s.at(500) > s.at(501));
+//! ```
+
+pub mod loss;
+pub mod schedule;
+
+pub use loss::{LabelSmoothedLoss, LossOutput};
+pub use schedule::InverseSqrtWarmup;

@@ -1,0 +1,113 @@
+//! The label-smoothed loss of the reference (`NMTLossCompute` + `LabelSmoothingLoss`,
+//! `palm-reference.md` §4).
+//!
+//! The smoothed target puts `1 − ε` on the gold token, `ε / (V − 2)` on every other token but
+//! PAD, and 0 on PAD; rows whose gold token is PAD are all zero. The loss is
+//! `Σ KL(q ‖ p) = Σ q·(log q − log p)`. The reference returns this sum over the batch (its
+//! division by the token count is discarded); we train on the sum divided by the number of
+//! non-PAD target tokens, which only rescales the gradient by a batch-dependent factor (Adam
+//! is nearly invariant to it) and makes the value comparable across batch sizes.
+//! [`LabelSmoothedLoss::sum`] gives the reference's value.
+
+use burn::prelude::*;
+
+/// Label-smoothed KL over a vocabulary with a padding id.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LabelSmoothedLoss {
+    /// ε; 0 gives the summed NLL ignoring PAD.
+    pub smoothing: f64,
+    /// Vocabulary size V.
+    pub vocab_size: usize,
+    /// The PAD id.
+    pub pad: i64,
+}
+
+/// The loss of one batch.
+#[derive(Debug, Clone)]
+pub struct LossOutput<B: Backend> {
+    /// The reference's summed loss, `[1]`.
+    pub sum: Tensor<B, 1>,
+    /// Number of non-PAD target tokens, `[1]`.
+    pub tokens: Tensor<B, 1>,
+}
+
+impl<B: Backend> LossOutput<B> {
+    /// Sum divided by the non-PAD token count: what training minimises.
+    pub fn mean(&self) -> Tensor<B, 1> {
+        self.sum.clone() / self.tokens.clone().clamp_min(1.0)
+    }
+}
+
+impl LabelSmoothedLoss {
+    /// `Σ q log q` of one non-PAD row, a constant.
+    fn entropy_term(&self) -> f64 {
+        let conf = 1.0 - self.smoothing;
+        let s = self.smoothing / (self.vocab_size as f64 - 2.0);
+        let xlogx = |x: f64| if x > 0.0 { x * x.ln() } else { 0.0 };
+        xlogx(conf) + (self.vocab_size as f64 - 2.0) * xlogx(s)
+    }
+
+    /// The loss of log-probabilities `[b, t, V]` against gold ids `[b, t]`.
+    ///
+    /// Computed without materialising the smoothed distribution:
+    /// `KL = Σ q log q − (1 − ε)·lp[gold] − s·(Σ_v lp[v] − lp[gold] − lp[PAD])`.
+    pub fn forward<B: Backend>(
+        &self,
+        log_probs: Tensor<B, 3>,
+        gold: Tensor<B, 2, Int>,
+    ) -> LossOutput<B> {
+        let [b, t, v] = log_probs.dims();
+        let lp = log_probs.reshape([b * t, v]);
+        let gold = gold.reshape([b * t]);
+        let keep = gold.clone().not_equal_elem(self.pad).float();
+        let lp_gold = lp
+            .clone()
+            .gather(1, gold.unsqueeze_dim::<2>(1))
+            .reshape([b * t]);
+        let conf = 1.0 - self.smoothing;
+        let per_row = if self.smoothing > 0.0 {
+            let s = self.smoothing / (v as f64 - 2.0);
+            let lp_pad = lp
+                .clone()
+                .slice(s![.., self.pad..self.pad + 1])
+                .reshape([b * t]);
+            let lp_sum = lp.sum_dim(1).reshape([b * t]);
+            let rest = lp_sum - lp_gold.clone() - lp_pad;
+            lp_gold.mul_scalar(-conf) - rest.mul_scalar(s) + self.entropy_term()
+        } else {
+            lp_gold.neg()
+        };
+        LossOutput {
+            sum: (per_row * keep.clone()).sum(),
+            tokens: keep.sum(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn_ndarray::{NdArray, NdArrayDevice};
+
+    type B = NdArray<f32>;
+
+    #[test]
+    fn pad_rows_are_zero_and_perfect_predictions_cost_the_entropy() {
+        let d = NdArrayDevice::Cpu;
+        let loss = LabelSmoothedLoss {
+            smoothing: 0.1,
+            vocab_size: 4,
+            pad: 0,
+        };
+        // The model predicts exactly the smoothed target for gold 2: p = [0, .05, .9, .05].
+        let p = [1e-30f32, 0.05, 0.9, 0.05].map(|x| x.ln());
+        let lp = Tensor::<B, 3>::from_data(TensorData::new([p, p].concat(), [1, 2, 4]), &d);
+        let gold = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![2i64, 0], [1, 2]), &d);
+        let out = loss.forward(lp, gold);
+        let sum: f32 = out.sum.into_scalar();
+        let tokens: f32 = out.tokens.into_scalar();
+        assert_eq!(tokens, 1.0);
+        // KL of a distribution with itself is 0 (PAD's probability is never weighted).
+        assert!(sum.abs() < 1e-5, "{sum}");
+    }
+}
