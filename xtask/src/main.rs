@@ -4,6 +4,7 @@
 
 mod bench;
 mod corpus;
+mod demo;
 mod layering;
 
 use std::process::Command;
@@ -17,6 +18,7 @@ commands:
   layering                 check the forbidden dependency edges of ARCHITECTURE.md
   corpus --rows N --out F  write a synthetic Chinese jsonl corpus (src/tgt) of N rows
          [--format jsonl|lcsts] [--vocab V]   (and a character vocab.txt for it)
+  demo-data                regenerate datasets/demo (the embedded data-to-text demo set)
   bench prepare [--rows N] palm prepare on a generated corpus: rows/s and peak RSS, next to
                            the tokenizers crate's batch-encode rate on the same rows";
 
@@ -31,6 +33,7 @@ fn main() -> Result<()> {
         "ci" => ci(),
         "layering" => layering::check(),
         "corpus" => corpus::run(rest),
+        "demo-data" => demo::run(rest),
         "bench" => bench::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");

@@ -7,6 +7,7 @@ mod generate;
 mod model_dir;
 mod prepare;
 mod score;
+mod train;
 mod vocab;
 
 use std::process::ExitCode;
@@ -55,6 +56,11 @@ enum Command {
     /// Export a model's weights as safetensors with the reference (ModelScope) key names.
     #[command(after_help = "Example:\n  palm export --model run/model --output palm.safetensors")]
     Export(export::Args),
+    /// Train or fine-tune a model; with no arguments, the tiny model on the embedded demo set.
+    #[command(
+        after_help = "Examples:\n  palm train\n  palm train --model pretrained/ --train train.jsonl --valid dev.jsonl --out runs/ft"
+    )]
+    Train(train::Args),
     /// Score predictions against references: ROUGE-1/2/L and BLEU-1/4 as ModelScope computes them.
     #[command(after_help = "Example:\n  palm eval --hyp pred.txt --ref gold.txt --json")]
     Eval(eval::Args),
@@ -70,6 +76,7 @@ fn main() -> ExitCode {
         Command::Export(args) => export::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
+        Command::Train(args) => train::run_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

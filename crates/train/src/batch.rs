@@ -1,0 +1,89 @@
+//! Examples as token ids, and the batcher that pads them and shifts targets.
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::prelude::*;
+
+/// One training pair: `[CLS] … [SEP]` source and target ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pair {
+    /// Source ids.
+    pub src: Vec<u32>,
+    /// Target ids.
+    pub tgt: Vec<u32>,
+}
+
+/// A padded batch: decoder input is the target without its last token, gold is the target
+/// without its first (the reference's `labels[:, :-1]` / `labels[:, 1:]`).
+#[derive(Debug, Clone)]
+pub struct PalmBatch<B: Backend> {
+    /// `[b, s]`.
+    pub src: Tensor<B, 2, Int>,
+    /// `[b, t - 1]`.
+    pub tgt_in: Tensor<B, 2, Int>,
+    /// `[b, t - 1]`.
+    pub gold: Tensor<B, 2, Int>,
+}
+
+/// Pads with the PAD id to the longest row of the batch.
+#[derive(Debug, Clone, Copy)]
+pub struct PalmBatcher {
+    /// The PAD id.
+    pub pad: u32,
+}
+
+fn padded<B: Backend>(rows: Vec<&[u32]>, pad: u32, device: &B::Device) -> Tensor<B, 2, Int> {
+    let width = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+    let mut flat = Vec::with_capacity(rows.len() * width);
+    for r in &rows {
+        flat.extend(r.iter().map(|&x| x as i64));
+        flat.extend(std::iter::repeat_n(pad as i64, width - r.len()));
+    }
+    Tensor::from_data(TensorData::new(flat, [rows.len(), width]), device)
+}
+
+impl<B: Backend> Batcher<B, Pair, PalmBatch<B>> for PalmBatcher {
+    fn batch(&self, items: Vec<Pair>, device: &B::Device) -> PalmBatch<B> {
+        let src = padded::<B>(
+            items.iter().map(|p| p.src.as_slice()).collect(),
+            self.pad,
+            device,
+        );
+        let tgt = padded::<B>(
+            items.iter().map(|p| p.tgt.as_slice()).collect(),
+            self.pad,
+            device,
+        );
+        let [b, t] = tgt.dims();
+        let t = t.max(2);
+        PalmBatch {
+            src,
+            tgt_in: tgt.clone().slice([0..b, 0..t - 1]),
+            gold: tgt.slice([0..b, 1..t]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn_ndarray::{NdArray, NdArrayDevice};
+
+    #[test]
+    fn pads_and_shifts() {
+        let items = vec![
+            Pair {
+                src: vec![2, 5, 3],
+                tgt: vec![2, 7, 8, 3],
+            },
+            Pair {
+                src: vec![2, 3],
+                tgt: vec![2, 9, 3],
+            },
+        ];
+        let b: PalmBatch<NdArray<f32>> = PalmBatcher { pad: 0 }.batch(items, &NdArrayDevice::Cpu);
+        let v = |t: Tensor<NdArray<f32>, 2, Int>| t.into_data().iter::<i64>().collect::<Vec<_>>();
+        assert_eq!(v(b.src), vec![2, 5, 3, 2, 3, 0]);
+        assert_eq!(v(b.tgt_in), vec![2, 7, 8, 2, 9, 3]);
+        assert_eq!(v(b.gold), vec![7, 8, 3, 9, 3, 0]);
+    }
+}

@@ -1,0 +1,55 @@
+//! The training wrapper: PALM plus its loss, as burn-train's `TrainStep` / `InferenceStep`.
+
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn_train::{InferenceStep, SequenceOutput, TrainOutput, TrainStep};
+use palm_model::Palm;
+
+use crate::batch::PalmBatch;
+use crate::loss::LabelSmoothedLoss;
+
+/// PALM with the label-smoothed loss it is trained with.
+#[derive(Module, Debug)]
+pub struct PalmTraining<B: Backend> {
+    /// The network.
+    pub palm: Palm<B>,
+    smoothing: f64,
+}
+
+impl<B: Backend> PalmTraining<B> {
+    /// Wraps a model; `smoothing` is the label smoothing ε.
+    pub fn new(palm: Palm<B>, smoothing: f64) -> Self {
+        PalmTraining { palm, smoothing }
+    }
+
+    /// Loss (per non-PAD target token) and log-probabilities of a batch.
+    pub fn forward_loss(&self, batch: PalmBatch<B>) -> SequenceOutput<B> {
+        let lp = self.palm.forward(batch.src, batch.tgt_in);
+        let loss = LabelSmoothedLoss {
+            smoothing: self.smoothing,
+            vocab_size: self.palm.vocab_size(),
+            pad: self.palm.pad_id(),
+        }
+        .forward(lp.clone(), batch.gold.clone());
+        SequenceOutput::new(loss.mean(), lp, None, batch.gold)
+    }
+}
+
+impl<B: AutodiffBackend> TrainStep for PalmTraining<B> {
+    type Input = PalmBatch<B>;
+    type Output = SequenceOutput<B>;
+
+    fn step(&self, batch: PalmBatch<B>) -> TrainOutput<SequenceOutput<B>> {
+        let out = self.forward_loss(batch);
+        TrainOutput::new(self, out.loss.backward(), out)
+    }
+}
+
+impl<B: Backend> InferenceStep for PalmTraining<B> {
+    type Input = PalmBatch<B>;
+    type Output = SequenceOutput<B>;
+
+    fn step(&self, batch: PalmBatch<B>) -> SequenceOutput<B> {
+        self.forward_loss(batch)
+    }
+}

@@ -1,0 +1,39 @@
+//! A whole run on a handful of demo rows: vocabulary, Learner, native model directory, test
+//! scores and baselines. Checks the plumbing, not the quality (that is the demo's job).
+
+use std::path::Path;
+
+use burn_autodiff::Autodiff;
+use burn_ndarray::{NdArray, NdArrayDevice};
+use palm_train::run::{RunConfig, run};
+
+#[test]
+fn a_tiny_run_writes_a_usable_model_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/demo");
+    let head = |name: &str, n: usize| {
+        let text = std::fs::read_to_string(demo.join(name)).unwrap();
+        let rows: String = text.lines().take(n).map(|l| format!("{l}\n")).collect();
+        let path = dir.path().join(name);
+        std::fs::write(&path, rows).unwrap();
+        path
+    };
+    let mut config = RunConfig::demo(Path::new("."));
+    config.train = head("train.jsonl", 24);
+    config.valid = head("valid.jsonl", 8);
+    config.test = Some(head("test.jsonl", 4));
+    config.out = dir.path().join("run");
+    config.epochs = 1;
+    config.batch_size = 8;
+    config.vocab_size = 300;
+    config.max_tgt_len = 8;
+    let summary = run::<Autodiff<NdArray<f32>>>(&config, &NdArrayDevice::Cpu).unwrap();
+    assert!(summary.model.is_some() && summary.copy_source.is_some());
+    assert!(config.out.join("summary.json").is_file());
+    assert!(config.out.join("test_predictions.jsonl").is_file());
+    let (_, model) =
+        palm_model::import::load_dir::<NdArray<f32>>(&summary.model_dir, &NdArrayDevice::Cpu)
+            .unwrap();
+    assert!(model.vocab_size() <= 300);
+    assert!(summary.model_dir.join("vocab.txt").is_file());
+}
