@@ -1,8 +1,11 @@
 //! `cargo xtask demo-data`: the embedded demo dataset, a synthetic data-to-text task in the
-//! style of ADGEN. Sources are attribute lists (`类型#上衣*颜色#白色*风格#休闲`); targets are
-//! fluent Chinese ad sentences that use every attribute, built from several phrasings per
-//! attribute, connectives and closings, in varying order, so that a model must learn to copy
-//! values and compose phrases rather than memorise a few templates. Deterministic.
+//! style of ADGEN. Sources are attribute lists (`类型#上衣*颜色#白色*风格#休闲`) with 2 to 5
+//! attributes besides the type, in random order; targets are fluent Chinese ad sentences that
+//! use every attribute. The target is a function of the source — each (type, attribute, value)
+//! picks one of several phrasings, connectives follow the position, the closing follows the
+//! type — so the task is learnable, while the number of combinations (10 types × 7 attributes
+//! × 5–10 values × orders) means a model must copy values and compose phrases rather than
+//! memorise templates. Deterministic.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -84,7 +87,7 @@ const ATTRS: &[(&str, &[&str], &[&str])] = &[
     ),
     (
         "领型",
-        &["圆领", "V领", "翻领", "立领", "方领"],
+        &["圆领", "尖领", "翻领", "立领", "方领"],
         &["{}设计修饰脸型", "搭配{}更显精神", "{}的领口简洁利落"],
     ),
     (
@@ -101,7 +104,7 @@ const TYPES: &[&str] = &[
     "裤子",
     "外套",
     "衬衫",
-    "T恤",
+    "短袖衫",
     "卫衣",
     "毛衣",
     "风衣",
@@ -138,22 +141,25 @@ pub fn example(rng: &mut Rng) -> (String, String) {
     for (a, v) in &chosen {
         let _ = write!(src, "*{}#{}", ATTRS[*a].0, v);
     }
-    let mut tgt = pick(rng, OPENINGS).replace("{}", ty);
-    // The target mentions the attributes in an order of its own.
-    let mut order: Vec<usize> = (0..chosen.len()).collect();
-    for i in (1..order.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        order.swap(i, j);
+    // Everything below depends on the source only.
+    let h = |parts: &[&str]| {
+        parts.iter().fold(0xcbf2_9ce4_8422_2325u64, |acc, p| {
+            p.bytes()
+                .fold(acc, |a, b| (a ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+        })
+    };
+    let choose = |parts: &[&str], n: usize| (h(parts) % n as u64) as usize;
+    let mut tgt = OPENINGS[choose(&[ty, "open"], OPENINGS.len())].replace("{}", ty);
+    for (k, (a, v)) in chosen.iter().enumerate() {
+        tgt.push_str(if k == 0 {
+            "，"
+        } else {
+            CONNECTIVES[k % CONNECTIVES.len()]
+        });
+        let phrasings = ATTRS[*a].2;
+        tgt.push_str(&phrasings[choose(&[ty, ATTRS[*a].0, v], phrasings.len())].replace("{}", v));
     }
-    for (k, &o) in order.iter().enumerate() {
-        let (a, v) = chosen[o];
-        tgt.push_str(if k == 0 { "" } else { pick(rng, CONNECTIVES) });
-        if k == 0 {
-            tgt.push('，');
-        }
-        tgt.push_str(&pick(rng, ATTRS[a].2).replace("{}", v));
-    }
-    tgt.push_str(pick(rng, CLOSINGS));
+    tgt.push_str(CLOSINGS[choose(&[ty, "close"], CLOSINGS.len())]);
     (src, tgt)
 }
 

@@ -16,6 +16,7 @@
 pub mod batch;
 pub mod loss;
 pub mod model;
+pub mod render;
 pub mod run;
 pub mod schedule;
 

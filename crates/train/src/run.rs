@@ -218,6 +218,11 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, device: &B::Device) -> Result
         .metric_train_numeric(LearningRateMetric::new())
         .with_file_checkpointer(NamedMpkFileRecorder::<FullPrecisionSettings>::new())
         .num_epochs(config.epochs)
+        .renderer(crate::render::PlainRenderer::new(
+            std::time::Duration::from_secs(10),
+        ))
+        // The binary owns the tracing subscriber; burn-train must not install its own.
+        .with_application_logger(None)
         .summary()
         .launch(Learner::new(model, optim, schedule));
     let trained: Palm<B::InnerBackend> = result.model.palm;
