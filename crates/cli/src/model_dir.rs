@@ -50,13 +50,4 @@ pub fn load(dir: &Path, device: &burn_ndarray::NdArrayDevice) -> Result<Loaded<C
     })
 }
 
-/// A `[rows, max_len]` id tensor, PAD-padded.
-pub fn pad_batch<B: Backend>(rows: &[&[u32]], pad: u32, device: &B::Device) -> Tensor<B, 2, Int> {
-    let width = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
-    let mut flat = Vec::with_capacity(rows.len() * width);
-    for r in rows {
-        flat.extend(r.iter().map(|&x| x as i64));
-        flat.extend(std::iter::repeat_n(pad as i64, width - r.len()));
-    }
-    Tensor::from_data(TensorData::new(flat, [rows.len(), width]), device)
-}
+pub use palm_train::batch::pad_ids as pad_batch;

@@ -28,6 +28,22 @@ fn load(name: &str) -> Palm<B> {
     model
 }
 
+/// The reference's log-probabilities `[b, t, vocab]`, flattened.
+fn golden_log_probs(g: &Value) -> Vec<f32> {
+    g["log_probs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|ex| ex.as_array().unwrap().iter())
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
+        .collect()
+}
+
 fn ids(v: &Value) -> (Vec<i64>, [usize; 2]) {
     let rows = v.as_array().unwrap();
     let cols = rows[0].as_array().unwrap().len();
@@ -53,18 +69,7 @@ fn teacher_forced_log_probs_match_the_reference() {
     let tgt_in = tgt.slice([0..b, 0..t - 1]);
     let lp = model.forward(src, tgt_in);
     let got: Vec<f32> = lp.into_data().to_vec().unwrap();
-    let expected: Vec<f32> = g["log_probs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|ex| ex.as_array().unwrap().iter())
-        .flat_map(|row| {
-            row.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-        })
-        .collect();
+    let expected = golden_log_probs(&g);
     assert_eq!(got.len(), expected.len());
     let max = got
         .iter()
@@ -192,18 +197,7 @@ fn every_checkpoint_layout_of_the_reference_loader_loads() {
     let src = int_tensor(&g["src_ids"]);
     let tgt = int_tensor(&g["tgt_ids"]);
     let [b, t] = tgt.dims();
-    let expected: Vec<f32> = g["log_probs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|ex| ex.as_array().unwrap().iter())
-        .flat_map(|row| {
-            row.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-        })
-        .collect();
+    let expected = golden_log_probs(&g);
     // Plain state dict; PreSumm's {"model": {"module.…"}, "opt", "optim"}; "model.palm." prefixes.
     for file in ["pytorch_model.bin", "presumm.bin", "prefixed.bin"] {
         let mut model = Palm::<B>::new(&config, &NdArrayDevice::Cpu);

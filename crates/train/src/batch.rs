@@ -31,10 +31,11 @@ pub struct PalmBatcher {
     pub pad: u32,
 }
 
-fn padded<B: Backend>(rows: Vec<&[u32]>, pad: u32, device: &B::Device) -> Tensor<B, 2, Int> {
+/// A `[rows, longest]` id tensor, padded with `pad`.
+pub fn pad_ids<B: Backend>(rows: &[&[u32]], pad: u32, device: &B::Device) -> Tensor<B, 2, Int> {
     let width = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
     let mut flat = Vec::with_capacity(rows.len() * width);
-    for r in &rows {
+    for r in rows {
         flat.extend(r.iter().map(|&x| x as i64));
         flat.extend(std::iter::repeat_n(pad as i64, width - r.len()));
     }
@@ -43,16 +44,10 @@ fn padded<B: Backend>(rows: Vec<&[u32]>, pad: u32, device: &B::Device) -> Tensor
 
 impl<B: Backend> Batcher<B, Pair, PalmBatch<B>> for PalmBatcher {
     fn batch(&self, items: Vec<Pair>, device: &B::Device) -> PalmBatch<B> {
-        let src = padded::<B>(
-            items.iter().map(|p| p.src.as_slice()).collect(),
-            self.pad,
-            device,
-        );
-        let tgt = padded::<B>(
-            items.iter().map(|p| p.tgt.as_slice()).collect(),
-            self.pad,
-            device,
-        );
+        let src_rows: Vec<&[u32]> = items.iter().map(|p| p.src.as_slice()).collect();
+        let tgt_rows: Vec<&[u32]> = items.iter().map(|p| p.tgt.as_slice()).collect();
+        let src = pad_ids::<B>(&src_rows, self.pad, device);
+        let tgt = pad_ids::<B>(&tgt_rows, self.pad, device);
         let [b, t] = tgt.dims();
         let t = t.max(2);
         PalmBatch {

@@ -255,19 +255,8 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, device: &B::Device) -> Result
         let inner_device = device.clone();
         let mut preds = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(32) {
-            let width = chunk.iter().map(Vec::len).max().unwrap_or(1);
-            let flat: Vec<i64> = chunk
-                .iter()
-                .flat_map(|r| {
-                    r.iter()
-                        .map(|&x| x as i64)
-                        .chain(std::iter::repeat_n(pad as i64, width - r.len()))
-                })
-                .collect();
-            let src = Tensor::<B::InnerBackend, 2, Int>::from_data(
-                TensorData::new(flat, [chunk.len(), width]),
-                &inner_device,
-            );
+            let rows: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+            let src = crate::batch::pad_ids::<B::InnerBackend>(&rows, pad, &inner_device);
             for h in beam_search(&trained, src, &beam) {
                 preds.push(tokenizer.decode(&h.tokens));
             }
