@@ -93,6 +93,10 @@ pub fn run_cmd(args: Args) -> Result<()> {
         row("copy the source", &summary.copy_source);
         row("most frequent target", &summary.most_frequent);
     }
-    println!("\nmodel: {}", summary.model_dir.display());
+    println!(
+        "\nvalidation loss per target token: {:.4} before training, {:.4} after",
+        summary.valid_loss_before, summary.valid_loss_after
+    );
+    println!("model: {}", summary.model_dir.display());
     Ok(())
 }

@@ -6,7 +6,7 @@ use burn_train::{InferenceStep, SequenceOutput, TrainOutput, TrainStep};
 use palm_model::Palm;
 
 use crate::batch::PalmBatch;
-use crate::loss::LabelSmoothedLoss;
+use crate::loss::{LabelSmoothedLoss, LossOutput};
 
 /// PALM with the label-smoothed loss it is trained with.
 #[derive(Module, Debug)]
@@ -22,15 +22,24 @@ impl<B: Backend> PalmTraining<B> {
         PalmTraining { palm, smoothing }
     }
 
-    /// Loss (per non-PAD target token) and log-probabilities of a batch.
-    pub fn forward_loss(&self, batch: PalmBatch<B>) -> SequenceOutput<B> {
-        let lp = self.palm.forward(batch.src, batch.tgt_in);
-        let loss = LabelSmoothedLoss {
+    fn criterion(&self) -> LabelSmoothedLoss {
+        LabelSmoothedLoss {
             smoothing: self.smoothing,
             vocab_size: self.palm.vocab_size(),
             pad: self.palm.pad_id(),
         }
-        .forward(lp.clone(), batch.gold.clone());
+    }
+
+    /// The summed loss and token count of a batch.
+    pub fn loss(&self, batch: PalmBatch<B>) -> LossOutput<B> {
+        let lp = self.palm.forward(batch.src, batch.tgt_in);
+        self.criterion().forward(lp, batch.gold)
+    }
+
+    /// Loss (per non-PAD target token) and log-probabilities of a batch.
+    pub fn forward_loss(&self, batch: PalmBatch<B>) -> SequenceOutput<B> {
+        let lp = self.palm.forward(batch.src, batch.tgt_in);
+        let loss = self.criterion().forward(lp.clone(), batch.gold.clone());
         SequenceOutput::new(loss.mean(), lp, None, batch.gold)
     }
 }

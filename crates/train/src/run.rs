@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::data::dataloader::DataLoaderBuilder;
 use burn::data::dataset::InMemDataset;
+use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
@@ -82,6 +83,10 @@ impl RunConfig {
 /// What a run reports; written to `RUN_DIR/summary.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
+    /// Validation loss (label-smoothed, per target token) before training.
+    pub valid_loss_before: f64,
+    /// Validation loss after training.
+    pub valid_loss_after: f64,
     /// Test scores of the model (percent).
     pub model: Option<ScoreRow>,
     /// Test scores of copying the source.
@@ -136,6 +141,26 @@ fn encode(
         .zip(tok.encode_batch(&tgts, max_tgt))
         .map(|(src, tgt)| Pair { src, tgt })
         .collect()
+}
+
+/// Mean label-smoothed loss per non-PAD target token over `pairs`, without gradients.
+pub fn valid_loss<B: Backend>(
+    model: &PalmTraining<B>,
+    pairs: &[Pair],
+    batch_size: usize,
+    pad: u32,
+) -> f64 {
+    let device = model.palm.devices().first().cloned().unwrap_or_default();
+    let batcher = PalmBatcher { pad };
+    let (mut sum, mut tokens) = (0.0f64, 0.0f64);
+    for chunk in pairs.chunks(batch_size.max(1)) {
+        let batch =
+            burn::data::dataloader::batcher::Batcher::batch(&batcher, chunk.to_vec(), &device);
+        let out = model.loss(batch);
+        sum += out.sum.into_scalar().elem::<f64>();
+        tokens += out.tokens.into_scalar().elem::<f64>();
+    }
+    sum / tokens.max(1.0)
 }
 
 fn score(preds: &[String], refs: &[String]) -> Result<Scores> {
@@ -200,9 +225,10 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, device: &B::Device) -> Result
     let dl_valid = DataLoaderBuilder::new(batcher)
         .batch_size(config.batch_size)
         .num_workers(1)
-        .build(InMemDataset::new(valid));
+        .build(InMemDataset::new(valid.clone()));
 
     let model = PalmTraining::new(palm, model_config.palm.label_smoothing);
+    let valid_loss_before = valid_loss(&model.valid(), &valid, config.batch_size, pad);
     // PyTorch's AdamW defaults (burn's epsilon default is 1e-5).
     let optim = AdamWConfig::new()
         .with_epsilon(1e-8)
@@ -225,6 +251,7 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, device: &B::Device) -> Result
         .with_application_logger(None)
         .summary()
         .launch(Learner::new(model, optim, schedule));
+    let valid_loss_after = valid_loss(&result.model, &valid, config.batch_size, pad);
     let trained: Palm<B::InnerBackend> = result.model.palm;
 
     let model_dir = config.out.join("model");
@@ -233,6 +260,8 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, device: &B::Device) -> Result
     std::fs::write(&vocab_copy, &vocab_text).map_err(|e| Error::io(&vocab_copy, e))?;
 
     let mut summary = Summary {
+        valid_loss_before,
+        valid_loss_after,
         model: None,
         copy_source: None,
         most_frequent: None,

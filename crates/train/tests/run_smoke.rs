@@ -37,3 +37,36 @@ fn a_tiny_run_writes_a_usable_model_directory() {
     assert!(model.vocab_size() <= 300);
     assert!(summary.model_dir.join("vocab.txt").is_file());
 }
+
+#[test]
+fn fine_tuning_a_modelscope_checkpoint_lowers_validation_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let demo = root.join("datasets/demo");
+    let head = |name: &str, n: usize| {
+        let text = std::fs::read_to_string(demo.join(name)).unwrap();
+        let rows: String = text.lines().take(n).map(|l| format!("{l}\n")).collect();
+        let path = dir.path().join(name);
+        std::fs::write(&path, rows).unwrap();
+        path
+    };
+    let mut config = RunConfig::demo(Path::new("."));
+    config.model = Some(root.join("crates/model/tests/fixtures/tiny"));
+    config.train = head("train.jsonl", 64);
+    // Validation on training rows: the point is that the optimiser moves the imported
+    // weights the right way, not generalisation.
+    config.valid = config.train.clone();
+    config.test = None;
+    config.out = dir.path().join("run");
+    config.epochs = 2;
+    config.batch_size = 16;
+    config.lr = 5e-3;
+    config.warmup = 4;
+    let summary = run::<Autodiff<NdArray<f32>>>(&config, &NdArrayDevice::Cpu).unwrap();
+    assert!(
+        summary.valid_loss_after < summary.valid_loss_before,
+        "{} -> {}",
+        summary.valid_loss_before,
+        summary.valid_loss_after
+    );
+}
