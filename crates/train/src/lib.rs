@@ -45,6 +45,16 @@ pub enum Error {
     /// A vocabulary could not be built.
     #[error(transparent)]
     Tokenizer(#[from] palm_tokenizer::Error),
+    /// Training stopped on a NaN or infinite loss; no model directory was written.
+    #[error(
+        "{reason}; training stopped. Earlier epochs' checkpoints, if any, are in {checkpoints}"
+    )]
+    NonFinite {
+        /// What happened.
+        reason: String,
+        /// The checkpoint directory.
+        checkpoints: PathBuf,
+    },
     /// Scoring failed.
     #[error(transparent)]
     Eval(#[from] palm_eval::Error),

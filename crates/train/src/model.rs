@@ -2,11 +2,21 @@
 
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn_train::{InferenceStep, SequenceOutput, TrainOutput, TrainStep};
+use burn_train::{InferenceStep, Interrupter, SequenceOutput, TrainOutput, TrainStep};
 use palm_model::Palm;
 
 use crate::batch::PalmBatch;
 use crate::loss::{LabelSmoothedLoss, LossOutput};
+
+/// Stops burn-train's loop when a training loss is NaN or infinite.
+#[derive(Clone, Default)]
+pub struct NonFiniteGuard(pub Option<Interrupter>);
+
+impl std::fmt::Debug for NonFiniteGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NonFiniteGuard")
+    }
+}
 
 /// PALM with the label-smoothed loss it is trained with.
 #[derive(Module, Debug)]
@@ -14,12 +24,25 @@ pub struct PalmTraining<B: Backend> {
     /// The network.
     pub palm: Palm<B>,
     smoothing: f64,
+    #[module(skip)]
+    guard: NonFiniteGuard,
 }
 
 impl<B: Backend> PalmTraining<B> {
     /// Wraps a model; `smoothing` is the label smoothing ε.
     pub fn new(palm: Palm<B>, smoothing: f64) -> Self {
-        PalmTraining { palm, smoothing }
+        PalmTraining {
+            palm,
+            smoothing,
+            guard: NonFiniteGuard::default(),
+        }
+    }
+
+    /// Stops training through `interrupter` when a loss is not finite. This reads the loss
+    /// back to the host at every step.
+    pub fn with_guard(mut self, interrupter: Interrupter) -> Self {
+        self.guard = NonFiniteGuard(Some(interrupter));
+        self
     }
 
     fn criterion(&self) -> LabelSmoothedLoss {
@@ -50,6 +73,12 @@ impl<B: AutodiffBackend> TrainStep for PalmTraining<B> {
 
     fn step(&self, batch: PalmBatch<B>) -> TrainOutput<SequenceOutput<B>> {
         let out = self.forward_loss(batch);
+        if let Some(interrupter) = &self.guard.0 {
+            let value: f64 = out.loss.clone().into_scalar().elem();
+            if !value.is_finite() {
+                interrupter.stop(Some(&format!("the training loss became {value}")));
+            }
+        }
         TrainOutput::new(self, out.loss.backward(), out)
     }
 }

@@ -227,7 +227,9 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, device: &B::Device) -> Result
         .num_workers(1)
         .build(InMemDataset::new(valid.clone()));
 
-    let model = PalmTraining::new(palm, model_config.palm.label_smoothing);
+    let interrupter = burn_train::Interrupter::new();
+    let model =
+        PalmTraining::new(palm, model_config.palm.label_smoothing).with_guard(interrupter.clone());
     let valid_loss_before = valid_loss(&model.valid(), &valid, config.batch_size, pad);
     // PyTorch's AdamW defaults (burn's epsilon default is 1e-5).
     let optim = AdamWConfig::new()
@@ -249,8 +251,17 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, device: &B::Device) -> Result
         ))
         // The binary owns the tracing subscriber; burn-train must not install its own.
         .with_application_logger(None)
+        .with_interrupter(interrupter.clone())
         .summary()
         .launch(Learner::new(model, optim, schedule));
+    if interrupter.should_stop() {
+        return Err(Error::NonFinite {
+            reason: interrupter
+                .get_message()
+                .unwrap_or_else(|| "training was interrupted".into()),
+            checkpoints: config.out.join("checkpoint"),
+        });
+    }
     let valid_loss_after = valid_loss(&result.model, &valid, config.batch_size, pad);
     let trained: Palm<B::InnerBackend> = result.model.palm;
 

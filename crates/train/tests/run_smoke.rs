@@ -70,3 +70,28 @@ fn fine_tuning_a_modelscope_checkpoint_lowers_validation_loss() {
         summary.valid_loss_after
     );
 }
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error_and_no_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/demo");
+    let text = std::fs::read_to_string(demo.join("train.jsonl")).unwrap();
+    let rows: String = text.lines().take(48).map(|l| format!("{l}\n")).collect();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, rows).unwrap();
+    let mut config = RunConfig::demo(Path::new("."));
+    config.train = data.clone();
+    config.valid = data;
+    config.test = None;
+    config.out = dir.path().join("run");
+    config.epochs = 3;
+    config.batch_size = 8;
+    config.vocab_size = 300;
+    // Adam's steps are about lr in size: weights of 1e30 overflow within a step or two.
+    config.lr = 1e33;
+    config.warmup = 1;
+    let err = run::<Autodiff<NdArray<f32>>>(&config, &NdArrayDevice::Cpu).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("the training loss became"), "{msg}");
+    assert!(!config.out.join("model").exists());
+}
