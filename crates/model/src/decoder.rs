@@ -3,14 +3,12 @@
 //! LayerNorm. Field names mirror the reference state dict (`transformer_layers.N.self_attn.
 //! linear_keys`, `feed_forward.w_1`, `layer_norm_1`, …).
 
-use burn::nn::{
-    Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
-    LinearConfig,
-};
+use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
 use crate::attention::{attention, merge_heads, split_heads};
+use crate::init::{embedding, layer_norm, linear};
 
 /// LayerNorm epsilon of every decoder norm.
 pub const DECODER_LN_EPS: f64 = 1e-6;
@@ -92,19 +90,8 @@ pub fn positional_table(rows: usize, d: usize) -> Vec<f32> {
     pe
 }
 
-fn linear<B: Backend>(i: usize, o: usize, device: &B::Device) -> Linear<B> {
-    LinearConfig::new(i, o)
-        .with_initializer(burn::nn::Initializer::Normal {
-            mean: 0.0,
-            std: 0.02,
-        })
-        .init(device)
-}
-
 fn ln<B: Backend>(d: usize, device: &B::Device) -> LayerNorm<B> {
-    LayerNormConfig::new(d)
-        .with_epsilon(DECODER_LN_EPS)
-        .init(device)
+    layer_norm(d, DECODER_LN_EPS, device)
 }
 
 impl<B: Backend> MultiHeadedAttention<B> {
@@ -274,15 +261,6 @@ impl<B: Backend> DecoderCache<B> {
         self.src_mask.dims()[0]
     }
 
-    /// Reorders rows: row `i` continues from row `origin[i]` (`[rows]`, global row indices
-    /// within the same source). Memory keys/values are untouched.
-    pub fn reorder_rows(&mut self, origin: Tensor<B, 1, Int>) {
-        for l in &mut self.layers {
-            l.self_keys = l.self_keys.take().map(|k| k.select(0, origin.clone()));
-            l.self_values = l.self_values.take().map(|v| v.select(0, origin.clone()));
-        }
-    }
-
     /// Beam-search bookkeeping in one step: keeps the sources `kept` (indices into the current
     /// sources, in order) and makes new row `r` continue from current row `origins[r]`
     /// (`kept.len() × beams` entries). Memory keys/values are selected per source, never per row.
@@ -308,28 +286,6 @@ impl<B: Backend> DecoderCache<B> {
             l.self_values = l.self_values.take().map(|v| v.select(0, rows.clone()));
         }
     }
-
-    /// Keeps only the given sources (`[kept]`, indices into the current sources) and their rows.
-    pub fn keep_sources(&mut self, sources: &[usize]) {
-        let device = self.src_mask.device();
-        let src_idx: Vec<i64> = sources.iter().map(|&s| s as i64).collect();
-        let beams = self.beams;
-        let row_idx: Vec<i64> = sources
-            .iter()
-            .flat_map(|&s| (0..beams).map(move |b| (s * beams + b) as i64))
-            .collect();
-        let n = src_idx.len();
-        let src_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(src_idx, [n]), &device);
-        let rows = row_idx.len();
-        let row_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(row_idx, [rows]), &device);
-        self.src_mask = self.src_mask.clone().select(0, src_idx.clone());
-        for l in &mut self.layers {
-            l.memory_keys = l.memory_keys.clone().select(0, src_idx.clone());
-            l.memory_values = l.memory_values.clone().select(0, src_idx.clone());
-            l.self_keys = l.self_keys.take().map(|k| k.select(0, row_idx.clone()));
-            l.self_values = l.self_values.take().map(|v| v.select(0, row_idx.clone()));
-        }
-    }
 }
 
 impl<B: Backend> TransformerDecoder<B> {
@@ -348,12 +304,7 @@ impl<B: Backend> TransformerDecoder<B> {
             device,
         );
         TransformerDecoder {
-            embeddings: EmbeddingConfig::new(vocab, d)
-                .with_initializer(burn::nn::Initializer::Normal {
-                    mean: 0.0,
-                    std: 0.02,
-                })
-                .init(device),
+            embeddings: embedding(vocab, d, device),
             transformer_layers: (0..layers)
                 .map(|_| TransformerDecoderLayer::new(d, heads, ff, dropout, device))
                 .collect(),

@@ -2,15 +2,13 @@
 //! state-dict paths (`embeddings.word_embeddings`, `encoder.layer.N.attention.self.query`, …)
 //! so that import needs only the remaps in `import.rs`.
 
-use burn::nn::{
-    Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
-    LinearConfig,
-};
+use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 
 use crate::attention::{attention, merge_heads, split_heads};
 use crate::config::BertConfig;
+use crate::init::{embedding, layer_norm, linear};
 
 /// Word + position + token-type embeddings, LayerNorm, dropout.
 #[derive(Module, Debug)]
@@ -108,31 +106,11 @@ pub struct BertModel<B: Backend> {
     pub pooler: BertPooler<B>,
 }
 
-fn linear<B: Backend>(i: usize, o: usize, device: &B::Device) -> Linear<B> {
-    LinearConfig::new(i, o)
-        .with_initializer(burn::nn::Initializer::Normal {
-            mean: 0.0,
-            std: 0.02,
-        })
-        .init(device)
-}
-
-fn layer_norm<B: Backend>(d: usize, eps: f64, device: &B::Device) -> LayerNorm<B> {
-    LayerNormConfig::new(d).with_epsilon(eps).init(device)
-}
-
 impl<B: Backend> BertModel<B> {
     /// A randomly initialised encoder (N(0, 0.02), as HF's `initializer_range`).
     pub fn new(c: &BertConfig, device: &B::Device) -> Self {
         let d = c.hidden_size;
-        let emb = |n: usize| {
-            EmbeddingConfig::new(n, d)
-                .with_initializer(burn::nn::Initializer::Normal {
-                    mean: 0.0,
-                    std: 0.02,
-                })
-                .init(device)
-        };
+        let emb = |n: usize| embedding(n, d, device);
         let drop = DropoutConfig::new(c.hidden_dropout_prob).init();
         let output = |i: usize| BertOutput {
             dense: linear(i, d, device),

@@ -7,6 +7,7 @@ use burn::prelude::*;
 use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot};
 use safetensors::tensor::{Dtype, TensorView};
 
+use crate::import::Remaps;
 use crate::{Error, Palm, Result};
 
 /// Our names → the reference's, applied in order (the inverse of `import::KEY_REMAPS`).
@@ -18,12 +19,7 @@ const EXPORT_REMAPS: &[(&str, &str)] = &[
 
 /// The reference name of one of our parameter paths (after the PyTorch adapter).
 pub fn reference_name(path: &str) -> String {
-    let mut k = path.to_owned();
-    for (from, to) in EXPORT_REMAPS {
-        let re = regex::Regex::new(from).expect("valid remap pattern");
-        k = re.replace_all(&k, *to).into_owned();
-    }
-    k
+    Remaps::new(EXPORT_REMAPS).apply(path)
 }
 
 /// Writes every parameter as f32 under its reference name, plus `generator.dense.weight` (the
@@ -35,6 +31,7 @@ pub fn export_safetensors<B: Backend>(model: &Palm<B>, path: &Path, prefix: &str
         path: path.to_path_buf(),
         message,
     };
+    let remaps = Remaps::new(EXPORT_REMAPS);
     let snapshots = model.collect(None, Some(Box::new(BurnToPyTorchAdapter)), false);
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(snapshots.len() + 1);
     for s in snapshots {
@@ -46,7 +43,7 @@ pub fn export_safetensors<B: Backend>(model: &Palm<B>, path: &Path, prefix: &str
             .to_vec()
             .map_err(|e| error(format!("{}: {e:?}", s.full_path())))?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let name = reference_name(&s.full_path());
+        let name = remaps.apply(&s.full_path());
         if name == "decoder.embeddings.weight" {
             tensors.push((
                 "generator.dense.weight".into(),

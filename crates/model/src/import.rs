@@ -37,6 +37,28 @@ const IGNORED: &[&str] = &[
     r"^__tied__\.",
 ];
 
+/// Applies the remap table `(regex, replacement)` in order; the patterns are compiled once.
+pub(crate) struct Remaps(Vec<(regex::Regex, &'static str)>);
+
+impl Remaps {
+    pub(crate) fn new(table: &[(&str, &'static str)]) -> Self {
+        Remaps(
+            table
+                .iter()
+                .map(|(from, to)| (regex::Regex::new(from).expect("valid remap pattern"), *to))
+                .collect(),
+        )
+    }
+
+    pub(crate) fn apply(&self, key: &str) -> String {
+        let mut k = key.to_owned();
+        for (re, to) in &self.0 {
+            k = re.replace_all(&k, *to).into_owned();
+        }
+        k
+    }
+}
+
 /// What an import found, for logs.
 #[derive(Debug, Clone, Default)]
 pub struct ImportReport {
@@ -44,15 +66,6 @@ pub struct ImportReport {
     pub loaded: usize,
     /// File keys skipped as deterministic buffers or duplicates.
     pub ignored: Vec<String>,
-}
-
-fn remapped(key: &str) -> String {
-    let mut k = key.to_owned();
-    for (from, to) in KEY_REMAPS {
-        let re = regex::Regex::new(from).expect("valid remap pattern");
-        k = re.replace_all(&k, *to).into_owned();
-    }
-    k
 }
 
 /// Loads a ModelScope `pytorch_model.bin` into `model`, strictly.
@@ -85,7 +98,8 @@ pub fn load_pytorch<B: Backend, M: ModuleSnapshot<B>>(
             Err(_) => return Err(checkpoint_error(format!("cannot read: {first}"))),
         },
     };
-    let names: Vec<String> = keys.iter().map(|k| remapped(k)).collect();
+    let remaps = Remaps::new(KEY_REMAPS);
+    let names: Vec<String> = keys.iter().map(|k| remaps.apply(k)).collect();
     let mut store = PytorchStore::from_file(path)
         .validate(false)
         .allow_partial(true);

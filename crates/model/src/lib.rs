@@ -18,6 +18,7 @@ pub mod decoder;
 pub mod encoder;
 pub mod export;
 pub mod import;
+mod init;
 pub mod palm;
 
 pub use config::{BertConfig, ModelConfig, PalmConfig};

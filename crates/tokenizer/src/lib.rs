@@ -224,14 +224,10 @@ impl PalmTokenizer {
         texts: &[S],
         max_len: usize,
     ) -> Vec<Vec<u32>> {
-        let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        match self.inner.encode_batch_fast(inputs, false) {
-            Ok(encs) => encs
-                .into_iter()
-                .map(|e| self.frame(e.get_ids().to_vec(), max_len))
-                .collect(),
-            Err(e) => unreachable!("BERT WordPiece failed on valid UTF-8: {e}"),
-        }
+        self.encode_batch_untruncated(texts)
+            .into_iter()
+            .map(|pieces| self.frame(pieces, max_len))
+            .collect()
     }
 
     /// Ids of many texts without special tokens around them (HF `tokenize` + ids), in parallel.

@@ -7,17 +7,20 @@ use burn_autodiff::Autodiff;
 use burn_ndarray::{NdArray, NdArrayDevice};
 use palm_train::run::{RunConfig, run};
 
+/// The first `n` rows of a demo split, copied into `dir`.
+fn demo_head(dir: &Path, name: &str, n: usize) -> std::path::PathBuf {
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/demo");
+    let text = std::fs::read_to_string(demo.join(name)).unwrap();
+    let rows: String = text.lines().take(n).map(|l| format!("{l}\n")).collect();
+    let path = dir.join(name);
+    std::fs::write(&path, rows).unwrap();
+    path
+}
+
 #[test]
 fn a_tiny_run_writes_a_usable_model_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/demo");
-    let head = |name: &str, n: usize| {
-        let text = std::fs::read_to_string(demo.join(name)).unwrap();
-        let rows: String = text.lines().take(n).map(|l| format!("{l}\n")).collect();
-        let path = dir.path().join(name);
-        std::fs::write(&path, rows).unwrap();
-        path
-    };
+    let head = |name: &str, n: usize| demo_head(dir.path(), name, n);
     let mut config = RunConfig::demo(Path::new("."));
     config.train = head("train.jsonl", 24);
     config.valid = head("valid.jsonl", 8);
@@ -42,14 +45,7 @@ fn a_tiny_run_writes_a_usable_model_directory() {
 fn fine_tuning_a_modelscope_checkpoint_lowers_validation_loss() {
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let demo = root.join("datasets/demo");
-    let head = |name: &str, n: usize| {
-        let text = std::fs::read_to_string(demo.join(name)).unwrap();
-        let rows: String = text.lines().take(n).map(|l| format!("{l}\n")).collect();
-        let path = dir.path().join(name);
-        std::fs::write(&path, rows).unwrap();
-        path
-    };
+    let head = |name: &str, n: usize| demo_head(dir.path(), name, n);
     let mut config = RunConfig::demo(Path::new("."));
     config.model = Some(root.join("crates/model/tests/fixtures/tiny"));
     config.train = head("train.jsonl", 64);
@@ -74,11 +70,7 @@ fn fine_tuning_a_modelscope_checkpoint_lowers_validation_loss() {
 #[test]
 fn a_diverging_run_stops_with_a_clear_error_and_no_model() {
     let dir = tempfile::tempdir().unwrap();
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/demo");
-    let text = std::fs::read_to_string(demo.join("train.jsonl")).unwrap();
-    let rows: String = text.lines().take(48).map(|l| format!("{l}\n")).collect();
-    let data = dir.path().join("d.jsonl");
-    std::fs::write(&data, rows).unwrap();
+    let data = demo_head(dir.path(), "train.jsonl", 48);
     let mut config = RunConfig::demo(Path::new("."));
     config.train = data.clone();
     config.valid = data;
