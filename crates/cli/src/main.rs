@@ -60,7 +60,7 @@ enum Command {
     #[command(
         after_help = "Examples:\n  palm train\n  palm train --model pretrained/ --train train.jsonl --valid dev.jsonl --out runs/ft"
     )]
-    Train(train::Args),
+    Train(Box<train::Args>),
     /// Score predictions against references: ROUGE-1/2/L and BLEU-1/4 as ModelScope computes them.
     #[command(after_help = "Example:\n  palm eval --hyp pred.txt --ref gold.txt --json")]
     Eval(eval::Args),
@@ -76,7 +76,7 @@ fn main() -> ExitCode {
         Command::Export(args) => export::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
-        Command::Train(args) => train::run_cmd(args),
+        Command::Train(args) => train::run_cmd(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,39 +28,47 @@ fn counts<'a>(tokens: &'a [&'a str], n: usize) -> HashMap<&'a [&'a str], u64> {
 }
 
 impl CorpusStats {
+    /// Statistics of an empty corpus, for n-gram orders `1..=max_order`.
+    pub fn empty(max_order: usize) -> Self {
+        CorpusStats {
+            numerators: vec![0; max_order],
+            denominators: vec![0; max_order],
+            hyp_len: 0,
+            ref_len: 0,
+        }
+    }
+
     /// Collects statistics for n-gram orders `1..=max_order`.
     pub fn new<H: AsRef<[S]>, R: AsRef<[S]>, S: AsRef<str>>(
         hyps: &[H],
         refs: &[R],
         max_order: usize,
     ) -> Self {
-        let mut numerators = vec![0u64; max_order];
-        let mut denominators = vec![0u64; max_order];
-        let (mut hyp_len, mut ref_len) = (0u64, 0u64);
+        let mut stats = CorpusStats::empty(max_order);
         for (hyp, reference) in hyps.iter().zip(refs) {
-            let hyp: Vec<&str> = hyp.as_ref().iter().map(AsRef::as_ref).collect();
-            let reference: Vec<&str> = reference.as_ref().iter().map(AsRef::as_ref).collect();
-            for n in 1..=max_order {
-                let hc = counts(&hyp, n);
-                let rc = counts(&reference, n);
-                let clipped: u64 = hc
-                    .iter()
-                    .map(|(g, &c)| c.min(rc.get(g).copied().unwrap_or(0)))
-                    .sum();
-                let total: u64 = hc.values().sum();
-                numerators[n - 1] += clipped;
-                denominators[n - 1] += total.max(1);
-            }
-            hyp_len += hyp.len() as u64;
-            // With one reference, the closest reference length is its length.
-            ref_len += reference.len() as u64;
+            stats.add(hyp.as_ref(), reference.as_ref());
         }
-        CorpusStats {
-            numerators,
-            denominators,
-            hyp_len,
-            ref_len,
+        stats
+    }
+
+    /// Adds one hypothesis and its reference.
+    pub fn add<S: AsRef<str>>(&mut self, hyp: &[S], reference: &[S]) {
+        let hyp: Vec<&str> = hyp.iter().map(AsRef::as_ref).collect();
+        let reference: Vec<&str> = reference.iter().map(AsRef::as_ref).collect();
+        for n in 1..=self.numerators.len() {
+            let hc = counts(&hyp, n);
+            let rc = counts(&reference, n);
+            let clipped: u64 = hc
+                .iter()
+                .map(|(g, &c)| c.min(rc.get(g).copied().unwrap_or(0)))
+                .sum();
+            let total: u64 = hc.values().sum();
+            self.numerators[n - 1] += clipped;
+            self.denominators[n - 1] += total.max(1);
         }
+        self.hyp_len += hyp.len() as u64;
+        // With one reference, the closest reference length is its length.
+        self.ref_len += reference.len() as u64;
     }
 
     /// NLTK's brevity penalty.

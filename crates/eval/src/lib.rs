@@ -100,59 +100,69 @@ impl Scores {
 
 /// Accumulates prediction/reference pairs and scores them like ModelScope's
 /// `TextGenerationMetric` (`palm-reference.md` §6.1), with ROUGE-2 added.
-#[derive(Debug, Clone, Default)]
+///
+/// Scores are accumulated as pairs arrive, so [`evaluate`](Self::evaluate) is cheap at any
+/// point (a training loop reads running values after every batch).
+#[derive(Debug, Clone)]
 pub struct TextGenerationMetric {
-    preds: Vec<String>,
-    refs: Vec<String>,
+    count: usize,
+    rouge_sums: [f64; 3],
+    bleu: bleu::CorpusStats,
+}
+
+impl Default for TextGenerationMetric {
+    fn default() -> Self {
+        TextGenerationMetric {
+            count: 0,
+            rouge_sums: [0.0; 3],
+            bleu: bleu::CorpusStats::empty(4),
+        }
+    }
 }
 
 impl TextGenerationMetric {
     /// Adds one pair of raw texts; both are rebuilt to character level here.
     pub fn add(&mut self, prediction: &str, reference: &str) {
-        self.preds.push(text::rebuild_chinese_str(prediction));
-        self.refs.push(text::rebuild_chinese_str(reference));
+        let pred = text::rebuild_chinese_str(prediction);
+        let reference = text::rebuild_chinese_str(reference);
+        self.count += 1;
+        // A pair whose prediction or reference is empty after removing spaces and '.' is left
+        // out of ROUGE but still counts in the mean's denominator.
+        if has_content(&pred) && has_content(&reference) {
+            let s = rouge::score(&pred, &reference);
+            self.rouge_sums[0] += s.rouge_1.f;
+            self.rouge_sums[1] += s.rouge_2.f;
+            self.rouge_sums[2] += s.rouge_l.f;
+        }
+        self.bleu.add(&bleu_tokens(&pred), &bleu_tokens(&reference));
     }
 
     /// Number of pairs added.
     pub fn len(&self) -> usize {
-        self.preds.len()
+        self.count
     }
 
     /// Whether no pair was added.
     pub fn is_empty(&self) -> bool {
-        self.preds.is_empty()
+        self.count == 0
     }
 
     /// Scores all pairs added so far.
     ///
-    /// A pair whose prediction or reference is empty after removing spaces and '.' is left out
-    /// of ROUGE but still counts in the mean's denominator. Unlike the reference, which fails on
-    /// a corpus where every pair is left out, this returns ROUGE 0 there.
+    /// Unlike the reference, which fails on a corpus where every pair is left out of ROUGE,
+    /// this returns ROUGE 0 there.
     pub fn evaluate(&self) -> Result<Scores> {
-        if self.preds.is_empty() {
+        if self.count == 0 {
             return Err(Error::Empty);
         }
-        let total = self.preds.len() as f64;
-        let (mut r1, mut r2, mut rl) = (0.0, 0.0, 0.0);
-        for (pred, reference) in self.preds.iter().zip(&self.refs) {
-            if !has_content(pred) || !has_content(reference) {
-                continue;
-            }
-            let s = rouge::score(pred, reference);
-            r1 += s.rouge_1.f;
-            r2 += s.rouge_2.f;
-            rl += s.rouge_l.f;
-        }
-        let hyps: Vec<Vec<&str>> = self.preds.iter().map(|p| bleu_tokens(p)).collect();
-        let refs: Vec<Vec<&str>> = self.refs.iter().map(|r| bleu_tokens(r)).collect();
-        let stats = bleu::CorpusStats::new(&hyps, &refs, 4);
+        let total = self.count as f64;
         Ok(Scores {
-            rouge_1: r1 / total,
-            rouge_2: r2 / total,
-            rouge_l: rl / total,
-            bleu_1: stats.bleu(&[1.0, 0.0, 0.0, 0.0]),
-            bleu_4: stats.bleu(&[0.25; 4]),
-            count: self.preds.len(),
+            rouge_1: self.rouge_sums[0] / total,
+            rouge_2: self.rouge_sums[1] / total,
+            rouge_l: self.rouge_sums[2] / total,
+            bleu_1: self.bleu.bleu(&[1.0, 0.0, 0.0, 0.0]),
+            bleu_4: self.bleu.bleu(&[0.25; 4]),
+            count: self.count,
         })
     }
 }

@@ -200,10 +200,21 @@ pub fn load_dir<B: Backend>(
     dir: &Path,
     device: &B::Device,
 ) -> Result<(crate::ModelConfig, crate::Palm<B>)> {
+    load_dir_adjusted(dir, device, |_| {})
+}
+
+/// Loads a model directory, changing its configuration first with `adjust` (training
+/// settings such as dropout; the weights must still fit).
+pub fn load_dir_adjusted<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    adjust: impl FnOnce(&mut crate::ModelConfig),
+) -> Result<(crate::ModelConfig, crate::Palm<B>)> {
     use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
     match dir_kind(dir)? {
         DirKind::ModelScope => {
-            let config = crate::ModelConfig::from_model_dir(dir)?;
+            let mut config = crate::ModelConfig::from_model_dir(dir)?;
+            adjust(&mut config);
             let mut model = crate::Palm::new(&config, device);
             load_pytorch(&mut model, &dir.join("pytorch_model.bin"))?;
             Ok((config, model))
@@ -214,13 +225,14 @@ pub fn load_dir<B: Backend>(
                 path: path.clone(),
                 source,
             })?;
-            let config: crate::ModelConfig =
+            let mut config: crate::ModelConfig =
                 serde_json::from_str(&text).map_err(|e| Error::Config {
                     path: path.display().to_string(),
                     key: String::new(),
                     message: e.to_string(),
                 })?;
             config.validate(&path.display().to_string())?;
+            adjust(&mut config);
             let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
             let model = crate::Palm::new(&config, device)
                 .load_file(dir.join(NATIVE_WEIGHTS), &recorder, device)

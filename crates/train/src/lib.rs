@@ -14,14 +14,20 @@
 //! ```
 
 pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod fit;
 pub mod loss;
 pub mod model;
+pub mod output;
+pub mod plot;
 pub mod render;
 pub mod run;
 pub mod schedule;
 
+pub use config::RunConfig;
 pub use loss::{LabelSmoothedLoss, LossOutput};
-pub use schedule::InverseSqrtWarmup;
+pub use schedule::{InverseSqrtWarmup, Schedule};
 
 use std::path::PathBuf;
 
@@ -46,14 +52,59 @@ pub enum Error {
     #[error(transparent)]
     Tokenizer(#[from] palm_tokenizer::Error),
     /// Training stopped on a NaN or infinite loss; no model directory was written.
-    #[error(
-        "{reason}; training stopped. Earlier epochs' checkpoints, if any, are in {checkpoints}"
-    )]
+    #[error("{reason}; training stopped. {}", match checkpoint {
+        Some(p) => format!("The last good checkpoint is {}", p.display()),
+        None => "No checkpoint had been written yet".to_owned(),
+    })]
     NonFinite {
         /// What happened.
         reason: String,
-        /// The checkpoint directory.
-        checkpoints: PathBuf,
+        /// The newest complete checkpoint.
+        checkpoint: Option<PathBuf>,
+    },
+    /// A bad `config.toml` or setting.
+    #[error("{path}: {message}")]
+    Config {
+        /// The file (or flag source).
+        path: PathBuf,
+        /// What is wrong, with the line or key.
+        message: String,
+    },
+    /// A checkpoint could not be written or read.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The checkpoint file or directory.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A fresh run was asked for in a directory that holds one.
+    #[error(
+        "{dir} already holds a run (config.toml); continue it with --resume or choose another --out"
+    )]
+    RunExists {
+        /// The run directory.
+        dir: PathBuf,
+    },
+    /// `--resume` on a directory without a run.
+    #[error("{dir} holds no run to resume (no config.toml)")]
+    NothingToResume {
+        /// The run directory.
+        dir: PathBuf,
+    },
+    /// Training was stopped by the user (the TUI's quit key).
+    #[error("training was interrupted; continue it with --resume --out {dir}")]
+    Interrupted {
+        /// The run directory.
+        dir: PathBuf,
+    },
+    /// The loss plot could not be drawn.
+    #[error("{path}: cannot draw the loss curve: {message}")]
+    Plot {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
     },
     /// Scoring failed.
     #[error(transparent)]

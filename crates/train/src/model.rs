@@ -2,21 +2,12 @@
 
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn_train::{InferenceStep, Interrupter, SequenceOutput, TrainOutput, TrainStep};
+use burn_train::{InferenceStep, SequenceOutput, TrainOutput, TrainStep};
 use palm_model::Palm;
 
 use crate::batch::PalmBatch;
 use crate::loss::{LabelSmoothedLoss, LossOutput};
-
-/// Stops burn-train's loop when a training loss is NaN or infinite.
-#[derive(Clone, Default)]
-pub struct NonFiniteGuard(pub Option<Interrupter>);
-
-impl std::fmt::Debug for NonFiniteGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("NonFiniteGuard")
-    }
-}
+use crate::output::PalmOutput;
 
 /// PALM with the label-smoothed loss it is trained with.
 #[derive(Module, Debug)]
@@ -24,8 +15,8 @@ pub struct PalmTraining<B: Backend> {
     /// The network.
     pub palm: Palm<B>,
     smoothing: f64,
-    #[module(skip)]
-    guard: NonFiniteGuard,
+    /// Gradients are taken of `loss × grad_scale` (1 / accumulation steps).
+    grad_scale: f64,
 }
 
 impl<B: Backend> PalmTraining<B> {
@@ -34,14 +25,14 @@ impl<B: Backend> PalmTraining<B> {
         PalmTraining {
             palm,
             smoothing,
-            guard: NonFiniteGuard::default(),
+            grad_scale: 1.0,
         }
     }
 
-    /// Stops training through `interrupter` when a loss is not finite. This reads the loss
-    /// back to the host at every step.
-    pub fn with_guard(mut self, interrupter: Interrupter) -> Self {
-        self.guard = NonFiniteGuard(Some(interrupter));
+    /// Scales the loss before `backward` (not the reported loss): with `k`-step gradient
+    /// accumulation, `1 / k` makes the summed gradients those of the mean loss.
+    pub fn with_grad_scale(mut self, scale: f64) -> Self {
+        self.grad_scale = scale;
         self
     }
 
@@ -73,21 +64,24 @@ impl<B: AutodiffBackend> TrainStep for PalmTraining<B> {
 
     fn step(&self, batch: PalmBatch<B>) -> TrainOutput<SequenceOutput<B>> {
         let out = self.forward_loss(batch);
-        if let Some(interrupter) = &self.guard.0 {
-            let value: f64 = out.loss.clone().into_scalar().elem();
-            if !value.is_finite() {
-                interrupter.stop(Some(&format!("the training loss became {value}")));
-            }
-        }
-        TrainOutput::new(self, out.loss.backward(), out)
+        let grads = if self.grad_scale == 1.0 {
+            out.loss.backward()
+        } else {
+            out.loss.clone().mul_scalar(self.grad_scale).backward()
+        };
+        TrainOutput::new(self, grads, out)
     }
 }
 
 impl<B: Backend> InferenceStep for PalmTraining<B> {
     type Input = PalmBatch<B>;
-    type Output = SequenceOutput<B>;
+    type Output = PalmOutput<B>;
 
-    fn step(&self, batch: PalmBatch<B>) -> SequenceOutput<B> {
-        self.forward_loss(batch)
+    /// The teacher-forced output; the training loop adds decoded text where it decodes.
+    fn step(&self, batch: PalmBatch<B>) -> PalmOutput<B> {
+        PalmOutput {
+            seq: self.forward_loss(batch),
+            generated: Default::default(),
+        }
     }
 }

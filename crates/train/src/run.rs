@@ -1,17 +1,21 @@
-//! A whole training run: data, vocabulary, model, burn-train's `Learner`, then decoding and
-//! scoring the test split next to two baselines. `palm train` calls [`run`].
+//! A whole training run: data, vocabulary, model, burn-train's `Learner` driven by
+//! [`crate::fit::PalmStrategy`], then decoding and scoring the test split next to two baselines.
+//! `palm train` calls [`run`].
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use burn::data::dataloader::DataLoaderBuilder;
 use burn::data::dataset::InMemDataset;
 use burn::module::AutodiffModule;
 use burn::optim::AdamWConfig;
+use burn::optim::adaptor::OptimizerAdaptor;
 use burn::prelude::*;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn_train::metric::{AccuracyMetric, LearningRateMetric, LossMetric, PerplexityMetric};
-use burn_train::{Learner, SupervisedTraining};
+use burn_train::{
+    Interrupter, Learner, LearningComponentsMarker, SupervisedTraining, TrainingStrategy,
+};
 use palm_data::reader::{Format, ReaderOptions, open};
 use palm_decode::{BeamConfig, beam_search};
 use palm_eval::{Scores, TextGenerationMetric};
@@ -20,65 +24,24 @@ use palm_tokenizer::{PalmTokenizer, TrainOptions, train_vocab};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{Pair, PalmBatcher};
+use crate::checkpoint::{Best, CheckpointDir, EpochRecord, TrainState, write_atomic};
+use crate::config::RunConfig;
+use crate::fit::PalmStrategy;
 use crate::model::PalmTraining;
-use crate::schedule::InverseSqrtWarmup;
+use crate::output::{GenerationMetric, GenerationScore};
+use crate::schedule::Schedule;
 use crate::{Error, Result};
 
-/// Everything a run needs; written to `RUN_DIR/config.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunConfig {
-    /// Training data (jsonl with `src`/`tgt`).
-    pub train: PathBuf,
-    /// Validation data.
-    pub valid: PathBuf,
-    /// Test data, decoded and scored at the end (optional).
-    pub test: Option<PathBuf>,
-    /// Start from this model directory (ModelScope or native); a fresh `tiny` model otherwise.
-    pub model: Option<PathBuf>,
-    /// Run directory.
-    pub out: PathBuf,
-    /// Epochs.
-    pub epochs: usize,
-    /// Pairs per batch.
-    pub batch_size: usize,
-    /// Base learning rate of the schedule.
-    pub lr: f64,
-    /// Warm-up steps.
-    pub warmup: usize,
-    /// Source ids at most.
-    pub max_src_len: usize,
-    /// Target ids at most.
-    pub max_tgt_len: usize,
-    /// Vocabulary size when training one (no `model`).
-    pub vocab_size: usize,
-    /// Shuffling and initialisation seed.
-    pub seed: u64,
-    /// Beams when decoding the test split.
-    pub beam_size: usize,
-}
+/// burn-train's component types of a PALM run on backend `B`.
+pub type Components<B> = LearningComponentsMarker<
+    B,
+    Schedule,
+    PalmTraining<B>,
+    OptimizerAdaptor<burn::optim::AdamW, PalmTraining<B>, B>,
+>;
 
-impl RunConfig {
-    /// The embedded demo: the `tiny` preset on `datasets/demo`.
-    pub fn demo(root: &Path) -> Self {
-        let d = root.join("datasets/demo");
-        RunConfig {
-            train: d.join("train.jsonl"),
-            valid: d.join("valid.jsonl"),
-            test: Some(d.join("test.jsonl")),
-            model: None,
-            out: root.join("runs/demo"),
-            epochs: 4,
-            batch_size: 32,
-            lr: 2e-2,
-            warmup: 200,
-            max_src_len: 64,
-            max_tgt_len: 64,
-            vocab_size: 2000,
-            seed: 42,
-            beam_size: 3,
-        }
-    }
-}
+/// The model configuration a run trains (written to `RUN_DIR/palm.json`).
+const MODEL_CONFIG: &str = "palm.json";
 
 /// What a run reports; written to `RUN_DIR/summary.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +58,14 @@ pub struct Summary {
     pub most_frequent: Option<ScoreRow>,
     /// Where the trained model directory is.
     pub model_dir: PathBuf,
+    /// Optimizer steps taken.
+    pub steps: usize,
+    /// The checkpoint written as the model directory (best by the configured metric).
+    pub best: Option<Best>,
+    /// Early stopping ended training before the last epoch.
+    pub stopped_early: bool,
+    /// Metrics of every epoch (also in `RUN_DIR/metrics.jsonl`).
+    pub epochs: Vec<EpochRecord>,
 }
 
 /// ROUGE/BLEU in percent.
@@ -171,119 +142,273 @@ fn score(preds: &[String], refs: &[String]) -> Result<Scores> {
     Ok(m.evaluate()?)
 }
 
+/// How a run starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new run; the run directory must not hold one.
+    Fresh,
+    /// Continue the run in `config.out` from its newest complete checkpoint (from the start
+    /// when it has none).
+    Resume,
+}
+
+/// Reads the configuration of the run in `dir`, for [`Start::Resume`].
+pub fn resume_config(dir: &Path) -> Result<RunConfig> {
+    let path = dir.join("config.toml");
+    if !path.is_file() {
+        return Err(Error::NothingToResume {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let mut config = RunConfig::from_toml_file(&path)?;
+    config.out = dir.to_path_buf();
+    Ok(config)
+}
+
+/// The model, its configuration and the tokenizer a run starts from.
+struct Initial<B: Backend> {
+    config: ModelConfig,
+    palm: Palm<B>,
+    tokenizer: PalmTokenizer,
+}
+
+fn adjust(mc: &mut ModelConfig, config: &RunConfig) {
+    if let Some(p) = config.dropout {
+        mc.palm.dec_dropout = p;
+        mc.encoder.hidden_dropout_prob = p;
+        mc.encoder.attention_probs_dropout_prob = p;
+    }
+    if let Some(ls) = config.label_smoothing {
+        mc.palm.label_smoothing = ls;
+    }
+}
+
+/// A fresh start: the `model` directory, or a preset with a vocabulary trained on the data.
+fn initial<B: Backend>(
+    config: &RunConfig,
+    train_rows: &[(String, String)],
+    device: &B::Device,
+) -> Result<Initial<B>> {
+    if let Some(dir) = &config.model {
+        let (mc, palm) =
+            palm_model::import::load_dir_adjusted::<B>(dir, device, |mc| adjust(mc, config))?;
+        let tokenizer = PalmTokenizer::from_vocab_file(dir.join("vocab.txt"))?;
+        return Ok(Initial {
+            config: mc,
+            palm,
+            tokenizer,
+        });
+    }
+    let texts = train_rows
+        .iter()
+        .flat_map(|(s, t)| [s.as_str(), t.as_str()]);
+    let options = TrainOptions {
+        size: config.vocab_size,
+        min_frequency: 1,
+        ..TrainOptions::default()
+    };
+    let tokenizer = PalmTokenizer::from_tokens(train_vocab(texts, &options)?)?;
+    let mut mc = match config.preset.as_str() {
+        "base-zh" => {
+            let mut mc = ModelConfig::base_zh();
+            mc.encoder.vocab_size = tokenizer.vocab_size();
+            mc
+        }
+        _ => ModelConfig::tiny(tokenizer.vocab_size()),
+    };
+    adjust(&mut mc, config);
+    let palm = Palm::<B>::new(&mc, device);
+    Ok(Initial {
+        config: mc,
+        palm,
+        tokenizer,
+    })
+}
+
+fn vocab_text(tokenizer: &PalmTokenizer) -> String {
+    (0..tokenizer.vocab_size() as u32)
+        .map(|i| format!("{}\n", tokenizer.id_to_token(i).unwrap_or_default()))
+        .collect()
+}
+
 /// Runs training on backend `B` (with autodiff) and returns the summary.
-pub fn run<B: AutodiffBackend>(config: &RunConfig, device: &B::Device) -> Result<Summary> {
-    std::fs::create_dir_all(&config.out).map_err(|e| Error::io(&config.out, e))?;
-    B::seed(device, config.seed);
+pub fn run<B: AutodiffBackend>(
+    config: &RunConfig,
+    start: Start,
+    device: &B::Device,
+) -> Result<Summary> {
+    let out = &config.out;
+    let checkpoints = CheckpointDir::new(out);
+    let resume_from = match start {
+        Start::Fresh => {
+            if out.join("config.toml").exists() {
+                return Err(Error::RunExists { dir: out.clone() });
+            }
+            None
+        }
+        Start::Resume => {
+            checkpoints.clean_partials()?;
+            checkpoints.latest()?
+        }
+    };
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    // Absolute data paths, so `--resume` works from any working directory.
+    let mut recorded = config.clone();
+    for p in [&mut recorded.train, &mut recorded.valid]
+        .into_iter()
+        .chain(recorded.test.as_mut())
+        .chain(recorded.model.as_mut())
+    {
+        *p = std::path::absolute(&*p).map_err(|e| Error::io(p, e))?;
+    }
+    write_atomic(&out.join("config.toml"), recorded.to_toml().as_bytes())?;
     let train_rows = read_pairs(&config.train)?;
     let valid_rows = read_pairs(&config.valid)?;
 
-    let (model_config, palm, tokenizer) = match &config.model {
-        Some(dir) => {
-            let (mc, palm) = palm_model::import::load_dir::<B>(dir, device)?;
-            let tok = PalmTokenizer::from_vocab_file(dir.join("vocab.txt"))?;
-            (mc, palm, tok)
+    B::seed(device, config.seed);
+    let init = match &resume_from {
+        // The checkpoint's weights replace these; the architecture and vocabulary are the
+        // run's own.
+        Some(_) => {
+            let path = out.join(MODEL_CONFIG);
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let mc: ModelConfig = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            Initial {
+                palm: Palm::<B>::new(&mc, device),
+                config: mc,
+                tokenizer: PalmTokenizer::from_vocab_file(out.join("vocab.txt"))?,
+            }
         }
-        None => {
-            let texts = train_rows
-                .iter()
-                .flat_map(|(s, t)| [s.as_str(), t.as_str()]);
-            let options = TrainOptions {
-                size: config.vocab_size,
-                min_frequency: 1,
-                ..TrainOptions::default()
-            };
-            let vocab = train_vocab(texts, &options)?;
-            let tok = PalmTokenizer::from_tokens(vocab)?;
-            let mc = ModelConfig::tiny(tok.vocab_size());
-            let palm = Palm::<B>::new(&mc, device);
-            (mc, palm, tok)
-        }
+        None => initial::<B>(config, &train_rows, device)?,
     };
-    let vocab_text: String = (0..tokenizer.vocab_size() as u32)
-        .map(|i| format!("{}\n", tokenizer.id_to_token(i).unwrap_or_default()))
-        .collect();
-    let vocab_path = config.out.join("vocab.txt");
-    std::fs::write(&vocab_path, &vocab_text).map_err(|e| Error::io(&vocab_path, e))?;
-    let cfg_path = config.out.join("config.json");
-    std::fs::write(
-        &cfg_path,
-        serde_json::to_string_pretty(config).expect("serializes"),
-    )
-    .map_err(|e| Error::io(&cfg_path, e))?;
+    let Initial {
+        config: model_config,
+        palm,
+        tokenizer,
+    } = init;
+    let vocab = vocab_text(&tokenizer);
+    write_atomic(&out.join("vocab.txt"), vocab.as_bytes())?;
+    write_atomic(
+        &out.join(MODEL_CONFIG),
+        (serde_json::to_string_pretty(&model_config).expect("serializes") + "\n").as_bytes(),
+    )?;
 
     let max_src = config.max_src_len.min(model_config.palm.max_pos);
     let train = encode(&tokenizer, &train_rows, max_src, config.max_tgt_len);
     let valid = encode(&tokenizer, &valid_rows, max_src, config.max_tgt_len);
-    let pad = tokenizer.special_ids().pad;
-    let batcher = PalmBatcher { pad };
-    let dl_train = DataLoaderBuilder::new(batcher)
-        .batch_size(config.batch_size)
-        .shuffle(config.seed)
-        .num_workers(1)
-        .build(InMemDataset::new(train));
-    let dl_valid = DataLoaderBuilder::new(batcher)
-        .batch_size(config.batch_size)
-        .num_workers(1)
-        .build(InMemDataset::new(valid.clone()));
-
-    let interrupter = burn_train::Interrupter::new();
-    let model =
-        PalmTraining::new(palm, model_config.palm.label_smoothing).with_guard(interrupter.clone());
-    let valid_loss_before = valid_loss(&model.valid(), &valid, config.batch_size, pad);
+    let special = tokenizer.special_ids();
+    let pad = special.pad;
+    let accumulation = config.grad_accumulation.max(1);
+    let model = PalmTraining::new(palm, model_config.palm.label_smoothing)
+        .with_grad_scale(1.0 / accumulation as f64);
+    let state = match resume_from {
+        Some((step, state)) => (Some(step), state),
+        None => (
+            None,
+            TrainState::start(valid_loss(&model.valid(), &valid, config.batch_size, pad)),
+        ),
+    };
+    let batches_per_epoch = train.len().div_ceil(config.batch_size);
+    let total_steps = batches_per_epoch.div_ceil(accumulation) * config.epochs;
     // PyTorch's AdamW defaults (burn's epsilon default is 1e-5).
     let optim = AdamWConfig::new()
         .with_epsilon(1e-8)
-        .with_weight_decay(0.01)
+        .with_weight_decay(config.weight_decay as f32)
         .init();
-    let schedule = InverseSqrtWarmup::new(config.lr, config.warmup);
-    let result = SupervisedTraining::new(&config.out, dl_train, dl_valid)
+    let schedule = Schedule::new(config.schedule, config.lr, config.warmup, total_steps);
+    let tokenizer = Arc::new(tokenizer);
+    let outcome = Arc::new(Mutex::new(None));
+    let strategy = PalmStrategy::<B> {
+        config: config.clone(),
+        train: Arc::new(train),
+        valid: Arc::new(valid.clone()),
+        tokenizer: tokenizer.clone(),
+        beam: BeamConfig {
+            beam_size: config.beam_size,
+            alpha: model_config.palm.alpha,
+            min_length: 1,
+            max_length: config.max_tgt_len,
+            bos: special.cls,
+            eos: special.sep,
+        },
+        pad,
+        start: state,
+        device: device.clone(),
+        outcome: outcome.clone(),
+    };
+    // burn-train wants loaders; the strategy batches the data itself (its order must be a
+    // function of the epoch for an exact resume).
+    let batcher = PalmBatcher { pad };
+    let no_train = DataLoaderBuilder::new(batcher).build(InMemDataset::new(Vec::<Pair>::new()));
+    let no_valid = DataLoaderBuilder::new(batcher).build(InMemDataset::new(Vec::<Pair>::new()));
+    let interrupter = Interrupter::new();
+    let interrupter_for_tui = interrupter.clone();
+    let mut builder = SupervisedTraining::new(out, no_train, no_valid)
         .metrics((
             LossMetric::new(),
             AccuracyMetric::new().with_pad_token(pad as usize),
             PerplexityMetric::new().with_pad_token(pad as usize),
         ))
         .metric_train_numeric(LearningRateMetric::new())
-        .with_file_checkpointer(NamedMpkFileRecorder::<FullPrecisionSettings>::new())
+        .with_training_strategy(TrainingStrategy::Custom(Arc::new(strategy)))
         .num_epochs(config.epochs)
-        .renderer(crate::render::PlainRenderer::new(
-            std::time::Duration::from_secs(10),
-        ))
         // The binary owns the tracing subscriber; burn-train must not install its own.
         .with_application_logger(None)
-        .with_interrupter(interrupter.clone())
-        .summary()
-        .launch(Learner::new(model, optim, schedule));
-    if interrupter.should_stop() {
-        return Err(Error::NonFinite {
-            reason: interrupter
-                .get_message()
-                .unwrap_or_else(|| "training was interrupted".into()),
-            checkpoints: config.out.join("checkpoint"),
-        });
+        .with_interrupter(interrupter);
+    // burn-train's TUI on a terminal, plain progress lines otherwise (logs, pipes, CI).
+    builder = if use_tui() {
+        builder.renderer(burn_train::renderer::tui::TuiMetricsRendererWrapper::new(
+            interrupter_for_tui,
+            None,
+        ))
+    } else {
+        builder.renderer(crate::render::PlainRenderer::new(
+            std::time::Duration::from_secs(10),
+        ))
+    };
+    if config.valid_decode > 0 {
+        for score in [
+            GenerationScore::Rouge1,
+            GenerationScore::Rouge2,
+            GenerationScore::RougeL,
+            GenerationScore::Bleu4,
+        ] {
+            builder = builder.metric_valid_numeric(GenerationMetric::new(score));
+        }
     }
-    let valid_loss_after = valid_loss(&result.model, &valid, config.batch_size, pad);
-    let trained: Palm<B::InnerBackend> = result.model.palm;
+    let result = builder.launch(Learner::new(model, optim, schedule));
+    let fit = outcome
+        .lock()
+        .expect("outcome lock")
+        .take()
+        .expect("the strategy reports an outcome")?;
+    let trained = result.model;
+    let valid_loss_after = valid_loss(&trained, &valid, config.batch_size, pad);
+    let trained: Palm<B::InnerBackend> = trained.palm;
 
-    let model_dir = config.out.join("model");
-    palm_model::import::save_native(&trained, &model_config, &model_dir)?;
-    let vocab_copy = model_dir.join("vocab.txt");
-    std::fs::write(&vocab_copy, &vocab_text).map_err(|e| Error::io(&vocab_copy, e))?;
+    let model_dir = out.join("model");
+    save_model_dir(&trained, &model_config, &vocab, &model_dir)?;
 
     let mut summary = Summary {
-        valid_loss_before,
+        valid_loss_before: fit.state.valid_loss_before,
         valid_loss_after,
         model: None,
         copy_source: None,
         most_frequent: None,
         model_dir,
+        steps: fit.state.step,
+        best: fit.state.best,
+        stopped_early: fit.state.stopped_early,
+        epochs: fit.state.history.clone(),
     };
     if let Some(test) = &config.test {
         let rows = read_pairs(test)?;
         let refs: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
         let srcs: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
         let ids = tokenizer.encode_batch(&srcs, max_src);
-        let special = tokenizer.special_ids();
         let beam = BeamConfig {
             beam_size: config.beam_size,
             alpha: model_config.palm.alpha,
@@ -292,11 +417,10 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, device: &B::Device) -> Result
             bos: special.cls,
             eos: special.sep,
         };
-        let inner_device = device.clone();
         let mut preds = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(32) {
             let rows: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-            let src = crate::batch::pad_ids::<B::InnerBackend>(&rows, pad, &inner_device);
+            let src = crate::batch::pad_ids::<B::InnerBackend>(&rows, pad, device);
             for h in beam_search(&trained, src, &beam) {
                 preds.push(tokenizer.decode(&h.tokens));
             }
@@ -314,19 +438,43 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, device: &B::Device) -> Result
             .map(|(t, _)| t.to_owned())
             .unwrap_or_default();
         summary.most_frequent = Some(score(&vec![frequent; refs.len()], &refs)?.into());
-        let pred_path = config.out.join("test_predictions.jsonl");
         let lines: String = rows
             .iter()
             .zip(&preds)
             .map(|((s, _), p)| serde_json::json!({"src": s, "pred": p}).to_string() + "\n")
             .collect();
-        std::fs::write(&pred_path, lines).map_err(|e| Error::io(&pred_path, e))?;
+        write_atomic(&out.join("test_predictions.jsonl"), lines.as_bytes())?;
     }
-    let path = config.out.join("summary.json");
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&summary).expect("serializes") + "\n",
-    )
-    .map_err(|e| Error::io(&path, e))?;
+    write_atomic(
+        &out.join("summary.json"),
+        (serde_json::to_string_pretty(&summary).expect("serializes") + "\n").as_bytes(),
+    )?;
+    crate::plot::write_loss_curve(&out.join("loss.svg"), &fit.state.curve, &summary.epochs)?;
     Ok(summary)
+}
+
+/// Whether stdout is a terminal (and `PALM_PLAIN` is not set).
+fn use_tui() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("PALM_PLAIN").is_none()
+}
+
+/// Writes the model directory through a temporary directory and a rename.
+fn save_model_dir<B: Backend>(
+    palm: &Palm<B>,
+    config: &ModelConfig,
+    vocab: &str,
+    dir: &Path,
+) -> Result<()> {
+    let tmp = dir.with_file_name(".model.partial");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    palm_model::import::save_native(palm, config, &tmp)?;
+    let vocab_path = tmp.join("vocab.txt");
+    std::fs::write(&vocab_path, vocab).map_err(|e| Error::io(&vocab_path, e))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
 }

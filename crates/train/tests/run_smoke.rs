@@ -5,7 +5,8 @@ use std::path::Path;
 
 use burn_autodiff::Autodiff;
 use burn_ndarray::{NdArray, NdArrayDevice};
-use palm_train::run::{RunConfig, run};
+use palm_train::RunConfig;
+use palm_train::run::{Start, run};
 
 /// The first `n` rows of a demo split, copied into `dir`.
 fn demo_head(dir: &Path, name: &str, n: usize) -> std::path::PathBuf {
@@ -30,7 +31,8 @@ fn a_tiny_run_writes_a_usable_model_directory() {
     config.batch_size = 8;
     config.vocab_size = 300;
     config.max_tgt_len = 8;
-    let summary = run::<Autodiff<NdArray<f32>>>(&config, &NdArrayDevice::Cpu).unwrap();
+    let summary =
+        run::<Autodiff<NdArray<f32>>>(&config, Start::Fresh, &NdArrayDevice::Cpu).unwrap();
     assert!(summary.model.is_some() && summary.copy_source.is_some());
     assert!(config.out.join("summary.json").is_file());
     assert!(config.out.join("test_predictions.jsonl").is_file());
@@ -58,7 +60,8 @@ fn fine_tuning_a_modelscope_checkpoint_lowers_validation_loss() {
     config.batch_size = 16;
     config.lr = 5e-3;
     config.warmup = 4;
-    let summary = run::<Autodiff<NdArray<f32>>>(&config, &NdArrayDevice::Cpu).unwrap();
+    let summary =
+        run::<Autodiff<NdArray<f32>>>(&config, Start::Fresh, &NdArrayDevice::Cpu).unwrap();
     assert!(
         summary.valid_loss_after < summary.valid_loss_before,
         "{} -> {}",
@@ -68,7 +71,8 @@ fn fine_tuning_a_modelscope_checkpoint_lowers_validation_loss() {
 }
 
 #[test]
-fn a_diverging_run_stops_with_a_clear_error_and_no_model() {
+fn a_diverging_run_stops_with_a_clear_error_and_its_last_checkpoint_loads() {
+    type B = Autodiff<NdArray<f32>>;
     let dir = tempfile::tempdir().unwrap();
     let data = demo_head(dir.path(), "train.jsonl", 48);
     let mut config = RunConfig::demo(Path::new("."));
@@ -76,14 +80,46 @@ fn a_diverging_run_stops_with_a_clear_error_and_no_model() {
     config.valid = data;
     config.test = None;
     config.out = dir.path().join("run");
-    config.epochs = 3;
+    config.epochs = 1;
     config.batch_size = 8;
     config.vocab_size = 300;
-    // Adam's steps are about lr in size: weights of 1e30 overflow within a step or two.
-    config.lr = 1e33;
-    config.warmup = 1;
-    let err = run::<Autodiff<NdArray<f32>>>(&config, &NdArrayDevice::Cpu).unwrap_err();
+    config.valid_decode = 0;
+    config.best_metric = palm_train::config::BestMetric::Loss;
+    run::<B>(&config, Start::Fresh, &NdArrayDevice::Cpu).unwrap();
+
+    // Continue for another epoch at an absurd learning rate: Adam's steps are about lr in
+    // size, so weights of 1e33 overflow within a step or two.
+    let toml_path = config.out.join("config.toml");
+    let mut more = palm_train::RunConfig::from_toml_file(&toml_path).unwrap();
+    more.epochs = 2;
+    more.lr = 1e33;
+    more.warmup = 1;
+    std::fs::write(&toml_path, more.to_toml()).unwrap();
+    std::fs::remove_dir_all(config.out.join("model")).unwrap();
+    let resumed = palm_train::run::resume_config(&config.out).unwrap();
+    let err = run::<B>(&resumed, Start::Resume, &NdArrayDevice::Cpu).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("the training loss became"), "{msg}");
+    assert!(msg.contains("epoch 2"), "{msg}");
     assert!(!config.out.join("model").exists());
+
+    // The error names the last good checkpoint, and it still loads and scores finitely.
+    let ckpt = palm_train::checkpoint::CheckpointDir::new(&config.out);
+    let (step, state) = ckpt.latest().unwrap().unwrap();
+    assert_eq!(state.epoch, 2, "the epoch-1 checkpoint is the newest");
+    assert!(
+        msg.contains(&ckpt.path(step).display().to_string()),
+        "{msg}"
+    );
+    let palm =
+        palm_train::checkpoint::load_model::<NdArray<f32>>(&config.out, step, &NdArrayDevice::Cpu)
+            .unwrap();
+    let tok = palm_tokenizer::PalmTokenizer::from_vocab_file(config.out.join("vocab.txt")).unwrap();
+    let pairs: Vec<palm_train::batch::Pair> = vec![palm_train::batch::Pair {
+        src: tok.encode("类型#上衣", 32),
+        tgt: tok.encode("白色的上衣", 32),
+    }];
+    let model = palm_train::model::PalmTraining::new(palm, 0.1);
+    let loss = palm_train::run::valid_loss(&model, &pairs, 1, tok.special_ids().pad);
+    assert!(loss.is_finite() && loss > 0.0, "{loss}");
 }
