@@ -519,6 +519,50 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::backend::Autodiff;
+    use burn::nn::{Linear, LinearConfig};
+    use burn_ndarray::NdArray;
+
+    type B = Autodiff<NdArray<f32>>;
+
+    fn grads_of(model: &Linear<B>) -> GradientsParams {
+        let x =
+            Tensor::<B, 2>::from_floats([[1.0, -2.0, 3.0], [0.5, 4.0, -1.0]], &Default::default());
+        let loss = model.forward(x).powi_scalar(2).sum().mul_scalar(10.0);
+        GradientsParams::from_grads(loss.backward(), model)
+    }
+
+    fn norm(model: &Linear<B>, grads: &GradientsParams) -> f64 {
+        let w: Tensor<NdArray<f32>, 2> = grads.get(model.weight.id).unwrap();
+        let b: Tensor<NdArray<f32>, 1> = grads.get(model.bias.as_ref().unwrap().id).unwrap();
+        let s: f64 = w.square().sum().into_scalar().elem::<f64>()
+            + b.square().sum().into_scalar().elem::<f64>();
+        s.sqrt()
+    }
+
+    #[test]
+    fn clipping_scales_every_gradient_to_the_global_norm() {
+        let device = Default::default();
+        let model: Linear<B> = LinearConfig::new(3, 2).init(&device);
+        let mut grads = grads_of(&model);
+        let before = norm(&model, &grads);
+        assert!(before > 1.0, "{before}");
+        let w0: Tensor<NdArray<f32>, 2> = grads.get(model.weight.id).unwrap();
+        let reported = clip_global_norm(&model, &mut grads, 1.0);
+        assert!((reported - before).abs() < 1e-3 * before);
+        assert!((norm(&model, &grads) - 1.0).abs() < 1e-4);
+        // One factor for all tensors (the direction is kept), not a per-tensor clip.
+        let w1: Tensor<NdArray<f32>, 2> = grads.get(model.weight.id).unwrap();
+        let ratio = w1.div(w0).into_data().iter::<f32>().collect::<Vec<_>>();
+        assert!(
+            ratio.iter().all(|r| (r - ratio[0]).abs() < 1e-5),
+            "{ratio:?}"
+        );
+        // Below the threshold nothing changes.
+        let mut small = grads_of(&model);
+        clip_global_norm(&model, &mut small, 1e9);
+        assert!((norm(&model, &small) - before).abs() < 1e-9 * before.max(1.0));
+    }
 
     #[test]
     fn epoch_orders_are_permutations_fixed_by_seed_and_epoch() {

@@ -123,3 +123,57 @@ fn a_diverging_run_stops_with_a_clear_error_and_its_last_checkpoint_loads() {
     let loss = palm_train::run::valid_loss(&model, &pairs, 1, tok.special_ids().pad);
     assert!(loss.is_finite() && loss > 0.0, "{loss}");
 }
+
+#[test]
+fn early_stopping_ends_the_run_and_keeps_the_best_and_last_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = demo_head(dir.path(), "train.jsonl", 32);
+    let mut config = RunConfig::demo(Path::new("."));
+    config.train = data.clone();
+    config.valid = data;
+    config.test = None;
+    config.out = dir.path().join("run");
+    config.epochs = 6;
+    config.batch_size = 8;
+    config.vocab_size = 300;
+    config.valid_decode = 0;
+    config.best_metric = palm_train::config::BestMetric::Loss;
+    config.checkpoint_every = Some(1);
+    config.keep_last = 2;
+    // Nothing short of a drop by 1e9 counts as progress: epoch 1 stays the best.
+    config.early_stopping = Some(2);
+    config.min_delta = 1e9;
+    let summary =
+        run::<Autodiff<NdArray<f32>>>(&config, Start::Fresh, &NdArrayDevice::Cpu).unwrap();
+    assert!(summary.stopped_early);
+    assert_eq!(
+        summary.epochs.len(),
+        3,
+        "epoch 1, then two without improvement"
+    );
+    let best = summary.best.unwrap();
+    assert_eq!((best.epoch, best.step), (1, 4));
+    let ckpt = palm_train::checkpoint::CheckpointDir::new(&config.out);
+    assert_eq!(ckpt.complete().unwrap(), vec![4, 11, 12]);
+    // The model directory holds the best checkpoint's weights, not the last ones.
+    let best_palm =
+        palm_train::checkpoint::load_model::<NdArray<f32>>(&config.out, 4, &NdArrayDevice::Cpu)
+            .unwrap();
+    let (_, written) =
+        palm_model::import::load_dir::<NdArray<f32>>(&summary.model_dir, &NdArrayDevice::Cpu)
+            .unwrap();
+    let flat = |p: palm_model::Palm<NdArray<f32>>| {
+        p.generator
+            .dense
+            .bias
+            .val()
+            .into_data()
+            .iter::<f32>()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(flat(best_palm), flat(written));
+    let lines = std::fs::read_to_string(config.out.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 3);
+    let svg = std::fs::read_to_string(config.out.join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg"));
+}
