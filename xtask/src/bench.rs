@@ -47,8 +47,37 @@ pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("prepare") => prepare(&args[1..]),
         Some("decode") => decode(&args[1..]),
-        _ => bail!("usage: cargo xtask bench prepare [--rows N] | decode [--python PY]"),
+        Some("gpu") => gpu(&args[1..]),
+        _ => bail!(
+            "usage: cargo xtask bench prepare [--rows N] | decode [--python PY] | gpu [--no-build]"
+        ),
     }
+}
+
+/// Builds the CUDA binary into `.devcarry/palm` (ignored by git, carried to the GPU machine)
+/// and prints the one command that runs palm and the PyTorch reference side by side there
+/// (`xtask/bench/gpu.sh`); its `results.jsonl` feeds `docs/benchmarks.md`.
+fn gpu(args: &[String]) -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if !args.iter().any(|a| a == "--no-build") {
+        crate::run(
+            cargo()
+                .env("CUDARC_CUDA_VERSION", "13000")
+                .args(["build", "--release", "-p", "palm", "--features", "cuda"]),
+        )?;
+        let carry = root.join(".devcarry");
+        std::fs::create_dir_all(&carry).context(".devcarry")?;
+        std::fs::copy(target_dir()?.join("release/palm"), carry.join("palm"))
+            .context("copying the CUDA binary into .devcarry")?;
+        crate::run(Command::new("strip").arg(carry.join("palm")))?;
+    }
+    println!(
+        "On the GPU machine (device tool, carry [\".devcarry\"]), from the repository root:\n\n  \
+         REV={} bash xtask/bench/gpu.sh all\n\nParts: checks (CUDA vs CPU, demo fine-tune), \
+         palm, torch. Results: $OUT/results.jsonl.",
+        git_rev()
+    );
+    Ok(())
 }
 
 fn prepare(args: &[String]) -> Result<()> {

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use crate::model_dir::{cpu_device, load};
+use crate::device::Cpu;
+use crate::model_dir::load;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,8 +30,8 @@ pub fn run(args: Args) -> Result<()> {
             args.output.display()
         );
     }
-    let device = cpu_device("cpu")?;
-    let loaded = load(&args.model, &device)?;
+    let device = burn_ndarray::NdArrayDevice::Cpu;
+    let loaded = load::<Cpu>(&args.model, &device)?;
     palm_model::export::export_safetensors(&loaded.model, &args.output, &args.prefix)?;
     println!("wrote {}", args.output.display());
     Ok(())

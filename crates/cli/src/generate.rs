@@ -7,7 +7,10 @@ use anyhow::{Context, Result, bail};
 use palm_data::reader::{Format, ReaderOptions, open};
 use palm_decode::{BeamConfig, beam_search};
 
-use crate::model_dir::{cpu_device, load, pad_batch};
+use burn::prelude::Backend;
+
+use crate::device::{Target, dispatch};
+use crate::model_dir::{load, pad_batch};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -44,13 +47,20 @@ pub struct Args {
     /// Sources decoded together.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    /// cpu (cuda needs a CUDA build).
+    /// cpu, cuda or cuda:N (cuda needs a CUDA build).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// f32, or bf16 (CUDA only).
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = cpu_device(&args.device)?;
+    let target = Target::parse(&args.device, &args.precision)?;
+    dispatch!(target, run_on(args))
+}
+
+fn run_on<B: Backend>(device: &B::Device, args: Args) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -66,7 +76,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         (None, None) => unreachable!("clap requires one of them"),
     };
-    let loaded = load(&args.model, &device)?;
+    let loaded = load::<B>(&args.model, device)?;
     let p = &loaded.config.palm;
     let special = loaded.tokenizer.special_ids();
     let config = BeamConfig {
@@ -87,7 +97,7 @@ pub fn run(args: Args) -> Result<()> {
     let start = std::time::Instant::now();
     for chunk in order.chunks(args.batch_size) {
         let rows: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-        let src = pad_batch(&rows, special.pad, &device);
+        let src = pad_batch::<B>(&rows, special.pad, device);
         for (&i, hyp) in chunk.iter().zip(beam_search(&loaded.model, src, &config)) {
             generated += hyp.tokens.len();
             preds[i] = loaded.tokenizer.decode(&hyp.tokens);

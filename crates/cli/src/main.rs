@@ -1,6 +1,8 @@
 //! `palm`: the command-line front end. It parses flags, sets up logging and calls one library
 //! function per subcommand; the work lives in the `palm-*` crates.
 
+mod bench;
+mod device;
 mod eval;
 mod export;
 mod generate;
@@ -61,6 +63,11 @@ enum Command {
         after_help = "Examples:\n  palm train\n  palm train --model pretrained/ --train train.jsonl --valid dev.jsonl --out runs/ft"
     )]
     Train(Box<train::Args>),
+    /// Measure training or decoding throughput on random data (JSON lines).
+    #[command(
+        after_help = "Examples:\n  palm bench train --device cuda --precision bf16 --batch-size 8,64,256\n  palm bench decode --device cuda --batch-size 1,64 --beam-size 5"
+    )]
+    Bench(bench::Args),
     /// Score predictions against references: ROUGE-1/2/L and BLEU-1/4 as ModelScope computes them.
     #[command(after_help = "Example:\n  palm eval --hyp pred.txt --ref gold.txt --json")]
     Eval(eval::Args),
@@ -77,6 +84,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
         Command::Train(args) => train::run_cmd(*args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use palm_data::reader::{Format, ReaderOptions, open};
 
-use crate::model_dir::{cpu_device, load, pad_batch};
+use burn::prelude::Backend;
+
+use crate::device::{Target, dispatch};
+use crate::model_dir::{load, pad_batch};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -34,13 +37,20 @@ pub struct Args {
     /// Rows scored together.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// cpu (cuda needs a CUDA build).
+    /// cpu, cuda or cuda:N (cuda needs a CUDA build).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// f32, or bf16 (CUDA only).
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = cpu_device(&args.device)?;
+    let target = Target::parse(&args.device, &args.precision)?;
+    dispatch!(target, run_on(args))
+}
+
+fn run_on<B: Backend>(device: &B::Device, args: Args) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -48,7 +58,7 @@ pub fn run(args: Args) -> Result<()> {
     o.src_field = Some(args.src_field.clone());
     o.tgt_field = Some(args.tgt_field.clone());
     let rows: Vec<_> = open(&args.input, &o)?.collect::<Result<_, _>>()?;
-    let loaded = load(&args.model, &device)?;
+    let loaded = load::<B>(&args.model, device)?;
     let max_src = args
         .max_src_len
         .unwrap_or(loaded.config.palm.max_pos)
@@ -65,8 +75,8 @@ pub fn run(args: Args) -> Result<()> {
         let end = (start + args.batch_size).min(rows.len());
         let s: Vec<&[u32]> = src_ids[start..end].iter().map(Vec::as_slice).collect();
         let t: Vec<&[u32]> = tgt_ids[start..end].iter().map(Vec::as_slice).collect();
-        let src = pad_batch(&s, pad, &device);
-        let tgt = pad_batch(&t, pad, &device);
+        let src = pad_batch::<B>(&s, pad, device);
+        let tgt = pad_batch::<B>(&t, pad, device);
         let [b, len] = tgt.dims();
         let lp = loaded
             .model

@@ -10,7 +10,9 @@ use anyhow::{Result, bail};
 use palm_train::config::{BestMetric, RunConfig, ScheduleKind};
 use palm_train::run::{ScoreRow, Start, resume_config, run};
 
-use crate::model_dir::cpu_device;
+use burn::prelude::Backend;
+
+use crate::device::{Target, dispatch};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,9 +25,12 @@ pub struct Args {
     /// Run directory [default: runs/demo, or the next free runs/demo-N].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// cpu (cuda needs a CUDA build).
+    /// cpu, cuda or cuda:N (cuda needs a CUDA build).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// f32, or bf16 (CUDA only): weights, gradients and optimizer state in bf16.
+    #[arg(long, default_value = "f32")]
+    precision: String,
     #[command(flatten)]
     set: Settings,
 }
@@ -258,11 +263,14 @@ fn configure(args: Args) -> Result<(RunConfig, Start)> {
 }
 
 pub fn run_cmd(args: Args) -> Result<()> {
-    let device = cpu_device(&args.device)?;
+    let target = Target::parse(&args.device, &args.precision)?;
     let (c, start) = configure(args)?;
     eprintln!("run directory: {}", c.out.display());
-    type Train = burn_autodiff::Autodiff<crate::model_dir::Cpu>;
-    let summary = run::<Train>(&c, start, &device)?;
+    dispatch!(target, train_on(&c, start))
+}
+
+fn train_on<B: Backend>(device: &B::Device, c: &RunConfig, start: Start) -> Result<()> {
+    let summary = run::<burn_autodiff::Autodiff<B>>(c, start, device)?;
     if summary.model.is_some() {
         println!(
             "\n{:<22} {:>8} {:>8} {:>8} {:>8}",

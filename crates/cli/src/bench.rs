@@ -1,0 +1,227 @@
+//! `palm bench`: training and decoding throughput on random data, as JSON lines. The
+//! counterpart of `xtask/bench/torch_palm.py` (the PyTorch eager reference of the same
+//! architecture); `cargo xtask bench gpu` runs both side by side.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use palm_decode::{BeamConfig, beam_search};
+use palm_model::{ModelConfig, Palm};
+use palm_train::batch::PalmBatch;
+use palm_train::model::PalmTraining;
+
+use crate::device::{Target, dispatch};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// What to measure.
+    #[arg(value_parser = ["train", "decode"])]
+    what: String,
+    /// Architecture: base-zh (PALM 2.0 Chinese base) or tiny.
+    #[arg(long, default_value = "base-zh")]
+    preset: String,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    batch_size: Vec<usize>,
+    /// Source tokens per row.
+    #[arg(long, default_value_t = 128)]
+    src_len: usize,
+    /// Target tokens per row (training).
+    #[arg(long, default_value_t = 64)]
+    tgt_len: usize,
+    /// Timed steps (training) or timed repetitions (decoding).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed steps first (autotuning and kernel compilation).
+    #[arg(long, default_value_t = 3)]
+    warmup_steps: usize,
+    /// Beams (decoding).
+    #[arg(long, default_value_t = 5)]
+    beam_size: usize,
+    /// Forced decoding steps (EOS is blocked until then).
+    #[arg(long, default_value_t = 32)]
+    decode_steps: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, or bf16 (CUDA only).
+    #[arg(long, default_value = "f32")]
+    precision: String,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let target = Target::parse(&args.device, &args.precision)?;
+    if args.batch_size.contains(&0) || args.steps == 0 {
+        bail!("--batch-size and --steps must be at least 1");
+    }
+    dispatch!(target, run_on(&args))
+}
+
+fn run_on<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
+    match args.what.as_str() {
+        "train" => train::<burn_autodiff::Autodiff<B>>(device, args),
+        _ => decode::<B>(device, args),
+    }
+}
+
+fn config(args: &Args) -> ModelConfig {
+    match args.preset.as_str() {
+        "tiny" => ModelConfig::tiny(21128),
+        _ => ModelConfig::base_zh(),
+    }
+}
+
+/// Deterministic pseudo-random ids in `[lo, hi)`.
+fn ids<B: Backend>(rows: usize, len: usize, seed: u64, lo: u64, hi: u64, device: &B::Device) -> Tensor<B, 2, Int> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let data: Vec<i64> = (0..rows * len)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (lo + (x >> 33) % (hi - lo)) as i64
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(data, [rows, len]), device)
+}
+
+/// Model FLOPs of one training sample (forward + backward = 6 × parameters × tokens, with the
+/// encoder's parameters over source tokens and the decoder's and generator's over target
+/// tokens; attention excluded), as `docs/gpu.md` counts them.
+fn train_flops(config: &ModelConfig, src: usize, tgt: usize) -> f64 {
+    let e = &config.encoder;
+    let d = e.hidden_size as f64;
+    let enc = e.num_hidden_layers as f64 * (4.0 * d * d + 2.0 * d * e.intermediate_size as f64);
+    let p = &config.palm;
+    let dd = p.dec_hidden_size as f64;
+    let dec = p.dec_layers as f64 * (8.0 * dd * dd + 2.0 * dd * p.dec_ff_size as f64);
+    let generator = dd * e.vocab_size as f64;
+    6.0 * (enc * src as f64 + (dec + generator) * tgt as f64)
+}
+
+fn emit(line: serde_json::Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
+    let mc = config(args);
+    let vocab = mc.encoder.vocab_size as u64;
+    let flops = train_flops(&mc, args.src_len, args.tgt_len);
+    for &batch in &args.batch_size {
+        B::seed(device, 1);
+        let mut model = PalmTraining::new(Palm::<B>::new(&mc, device), mc.palm.label_smoothing);
+        let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.01).init();
+        let src = ids::<B>(batch, args.src_len, 1, 106, vocab, device);
+        let tgt = ids::<B>(batch, args.tgt_len + 1, 2, 106, vocab, device);
+        let make = || PalmBatch {
+            src: src.clone(),
+            tgt_in: tgt.clone().slice([0..batch, 0..args.tgt_len]),
+            gold: tgt.clone().slice([0..batch, 1..args.tgt_len + 1]),
+        };
+        let mut step = |model: PalmTraining<B>| {
+            let loss = model.loss(make()).mean();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let model = optim.step(1e-4, model, grads);
+            (model, loss)
+        };
+        let cold = Instant::now();
+        for _ in 0..args.warmup_steps {
+            let (m, loss) = step(model);
+            model = m;
+            let _: f32 = loss.into_scalar().elem();
+        }
+        let cold = cold.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let mut last = 0.0f32;
+        for _ in 0..args.steps {
+            let (m, loss) = step(model);
+            model = m;
+            // The training loop reads each step's loss (NaN check, running mean).
+            last = loss.into_scalar().elem();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let samples = (batch * args.steps) as f64 / secs;
+        emit(serde_json::json!({
+            "bench": "train",
+            "impl": "palm",
+            "device": args.device,
+            "precision": args.precision,
+            "preset": args.preset,
+            "batch": batch,
+            "src_len": args.src_len,
+            "tgt_len": args.tgt_len,
+            "steps": args.steps,
+            "samples_per_s": samples,
+            "tokens_per_s": samples * (args.src_len + args.tgt_len) as f64,
+            "model_tflops_per_s": samples * flops / 1e12,
+            "mfu_bf16_h200": samples * flops / 790e12,
+            "warmup_s": cold,
+            "last_loss": last,
+        }))?;
+    }
+    Ok(())
+}
+
+fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
+    let mc = config(args);
+    let vocab = mc.encoder.vocab_size as u64;
+    B::seed(device, 1);
+    let model = Palm::<B>::new(&mc, device);
+    for &batch in &args.batch_size {
+        let beam = BeamConfig {
+            beam_size: args.beam_size,
+            alpha: 0.6,
+            min_length: args.decode_steps,
+            max_length: args.decode_steps,
+            bos: 101,
+            eos: 102,
+        };
+        let src = ids::<B>(batch, args.src_len, 3, 106, vocab, device);
+        let cold = Instant::now();
+        for _ in 0..args.warmup_steps {
+            beam_search(&model, src.clone(), &beam);
+        }
+        let cold = cold.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let mut tokens = 0usize;
+        for _ in 0..args.steps {
+            tokens += beam_search(&model, src.clone(), &beam)
+                .iter()
+                .map(|h| h.tokens.len())
+                .sum::<usize>();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        emit(serde_json::json!({
+            "bench": "decode",
+            "impl": "palm",
+            "device": args.device,
+            "precision": args.precision,
+            "preset": args.preset,
+            "batch": batch,
+            "beam": args.beam_size,
+            "src_len": args.src_len,
+            "decode_steps": args.decode_steps,
+            "tokens_per_s": tokens as f64 / secs,
+            "generated_tokens": tokens,
+            "warmup_s": cold,
+        }))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_of_base_match_the_gpu_notes() {
+        // docs/gpu.md: about 6 × (85M × 128 + 113M × 64 + 16M × 64) ≈ 115 GFLOP per sample.
+        let f = train_flops(&ModelConfig::base_zh(), 128, 64);
+        assert!((f / 115e9 - 1.0).abs() < 0.05, "{f:e}");
+    }
+}

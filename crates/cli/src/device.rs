@@ -1,0 +1,99 @@
+//! `--device cpu|cuda[:N]` and `--precision f32|bf16`: which burn backend a command runs on.
+//! Commands write their work once, generic over `burn::prelude::Backend`, and [`dispatch!`]
+//! instantiates it for the backend chosen at run time.
+
+use anyhow::{Result, bail};
+
+/// The CPU backend of every build.
+pub type Cpu = burn_ndarray::NdArray<f32>;
+
+/// The CUDA backend (`--features cuda`): burn's CubeCL backend with fusion and autotuning.
+#[cfg(feature = "cuda")]
+pub type Gpu = burn_cuda::Cuda<f32, i32>;
+
+/// Where and in which float type a command computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// ndarray on the CPU, f32.
+    Cpu,
+    /// CUDA device `index`; `bf16` makes bf16 the device's default float type (weights,
+    /// activations, gradients and optimizer state).
+    Cuda {
+        /// Device ordinal.
+        index: usize,
+        /// bf16 instead of f32.
+        bf16: bool,
+    },
+}
+
+impl Target {
+    /// Parses `--device` and `--precision`.
+    pub fn parse(device: &str, precision: &str) -> Result<Self> {
+        let bf16 = match precision {
+            "f32" => false,
+            "bf16" => true,
+            other => bail!("--precision {other}: expected f32 or bf16"),
+        };
+        let target = match device {
+            "cpu" => Target::Cpu,
+            "cuda" => Target::Cuda { index: 0, bf16 },
+            d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(index)) => Target::Cuda { index, bf16 },
+                _ => bail!("--device {d}: expected cpu, cuda or cuda:N"),
+            },
+        };
+        if bf16 && target == Target::Cpu {
+            bail!("--precision bf16 needs --device cuda (the CPU backend computes in f32)");
+        }
+        if matches!(target, Target::Cuda { .. }) && !cfg!(feature = "cuda") {
+            bail!("--device {device}: this palm was built without CUDA (build with --features cuda)");
+        }
+        Ok(target)
+    }
+}
+
+/// Calls `$f::<B>(&device, args…)` with the backend `B` of `$target`.
+macro_rules! dispatch {
+    ($target:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
+        match $target {
+            $crate::device::Target::Cpu => {
+                $f::<$crate::device::Cpu>(&burn_ndarray::NdArrayDevice::Cpu, $($arg),*)
+            }
+            #[cfg(feature = "cuda")]
+            $crate::device::Target::Cuda { index, bf16 } => {
+                let device = burn_cuda::CudaDevice::new(index);
+                if bf16 {
+                    burn::tensor::set_default_dtypes::<$crate::device::Gpu>(
+                        &device,
+                        burn::tensor::DType::BF16,
+                        burn::tensor::DType::I32,
+                    )
+                    .map_err(|e| anyhow::anyhow!("--precision bf16: {e:?}"))?;
+                }
+                $f::<$crate::device::Gpu>(&device, $($arg),*)
+            }
+            #[cfg(not(feature = "cuda"))]
+            $crate::device::Target::Cuda { .. } => unreachable!("rejected by Target::parse"),
+        }
+    };
+}
+pub(crate) use dispatch;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices_and_precisions() {
+        assert_eq!(Target::parse("cpu", "f32").unwrap(), Target::Cpu);
+        assert!(Target::parse("cpu", "bf16").is_err());
+        assert!(Target::parse("tpu", "f32").is_err());
+        assert!(Target::parse("cpu", "f16").is_err());
+        let cuda = Target::parse("cuda:1", "bf16");
+        if cfg!(feature = "cuda") {
+            assert_eq!(cuda.unwrap(), Target::Cuda { index: 1, bf16: true });
+        } else {
+            assert!(cuda.unwrap_err().to_string().contains("without CUDA"));
+        }
+    }
+}

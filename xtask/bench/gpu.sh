@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU benchmark and checks, in one command on the GPU machine (see docs/benchmarks.md).
+# Expects the CUDA build of palm at $PALM (default .devcarry/palm). Writes to $OUT:
+# results.jsonl (one JSON object per measurement or check), logs.txt, demo_gpu_summary.json.
+# Part: all | checks | palm | torch.
+set -uo pipefail
+export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+PALM=${PALM:-.devcarry/palm}
+OUT=${OUT:-/tmp/palm-bench}
+W=$(mktemp -d)
+PART=${1:-all}
+mkdir -p "$OUT"
+R="$OUT/results.jsonl"
+L="$OUT/logs.txt"
+echo "{\"device\": \"$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)\", \"rev\": \"${REV:-unknown}\", \"date\": \"$(date -u +%FT%TZ)\"}" >> "$R"
+
+# Runs a command with its peak device memory sampled by nvidia-smi every 100 ms.
+peak() {
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$W/mem" &
+    local sampler=$!
+    "$@"
+    local rc=$?
+    kill $sampler 2>/dev/null; wait $sampler 2>/dev/null
+    echo "{\"peak_memory_mib_sampled\": $(sort -n "$W/mem" | tail -1), \"rc\": $rc, \"cmd\": \"$*\"}" >> "$R"
+}
+
+if [[ $PART == all || $PART == checks ]]; then
+    # CUDA against CPU on the unseen fixture model: per-row NLL and beam outputs.
+    M=crates/model/tests/fixtures/unseen
+    python3 -c "import json; g=json.load(open('$M/golden.json'))
+print(''.join(json.dumps({'src': s, 'tgt': t}, ensure_ascii=False) + '\n' for s, t in zip(g['src'], g['tgt'])), end='')" > "$W/eval.jsonl"
+    for d in cpu cuda; do
+        $PALM score --model $M --input "$W/eval.jsonl" --device $d --output "$W/score_$d.jsonl" 2>> "$L"
+        $PALM generate --model $M --input "$W/eval.jsonl" --device $d --beam-size 4 --alpha 0.95 \
+            --min-length 3 --max-length 24 --batch-size 16 --output "$W/gen_$d.jsonl" >> "$L" 2>&1
+    done
+    python3 - "$W" >> "$R" <<'PY'
+import json, sys
+w = sys.argv[1]
+rows = lambda f: [json.loads(l) for l in open(f"{w}/{f}")]
+cpu, gpu = rows("score_cpu.jsonl"), rows("score_cuda.jsonl")
+rel = max(abs(a["nll"] - b["nll"]) / max(abs(a["nll"]), 1e-9) for a, b in zip(cpu, gpu))
+per_token = max(abs(a["nll"] - b["nll"]) / a["tokens"] for a, b in zip(cpu, gpu))
+same = sum(a["pred"] == b["pred"] for a, b in zip(rows("gen_cpu.jsonl"), rows("gen_cuda.jsonl")))
+print(json.dumps({"check": "cuda_vs_cpu_unseen", "rows": len(cpu), "nll_max_rel_diff": rel,
+                  "nll_max_abs_diff_per_token": per_token, "generate_identical": same}))
+PY
+    # A short fine-tuning run on the demo data, to compare with the CPU run's metrics.
+    start=$(date +%s)
+    PALM_PLAIN=1 timeout ${DEMO_TIMEOUT:-300} $PALM train --device cuda --out "$W/demo" > "$W/demo.log" 2>&1
+    echo "{\"check\": \"demo_train_cuda\", \"rc\": $?, \"seconds\": $(( $(date +%s) - start ))}" >> "$R"
+    tail -20 "$W/demo.log" >> "$L"
+    cp "$W/demo/summary.json" "$OUT/demo_gpu_summary.json" 2>/dev/null
+fi
+if [[ $PART == all || $PART == palm ]]; then
+    for prec in ${PRECISIONS:-f32 bf16}; do
+        peak timeout ${TRAIN_TIMEOUT:-240} $PALM bench train --device cuda --precision $prec \
+            --batch-size ${TRAIN_BATCHES:-8,64,256} --steps 10 --warmup-steps 3 >> "$R" 2>> "$L"
+        peak timeout 150 $PALM bench decode --device cuda --precision $prec --batch-size 1,64 \
+            --steps 3 --warmup-steps 1 >> "$R" 2>> "$L"
+    done
+fi
+if [[ $PART == all || $PART == torch ]]; then
+    for mode in fp32 tf32 bf16; do
+        timeout 240 python3 xtask/bench/torch_palm.py train --mode $mode --batch-size 8,64,256 >> "$R" 2>> "$L"
+        timeout 150 python3 xtask/bench/torch_palm.py decode --mode $mode --batch-size 1,64 \
+            --steps 3 --warmup-steps 1 >> "$R" 2>> "$L"
+    done
+fi
+cat "$R"
