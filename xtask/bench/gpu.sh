@@ -61,8 +61,8 @@ if [[ $PART == all || $PART == palm ]]; then
     done
 fi
 if [[ $PART == all || $PART == torch ]]; then
-    for mode in fp32 tf32 bf16; do
-        timeout 240 python3 xtask/bench/torch_palm.py train --mode $mode --batch-size 8,64,256 >> "$R" 2>> "$L"
+    for mode in ${MODES:-fp32 tf32 bf16}; do
+        timeout ${TORCH_TIMEOUT:-240} python3 xtask/bench/torch_palm.py train --mode $mode --batch-size 8,64,256 >> "$R" 2>> "$L"
         timeout 150 python3 xtask/bench/torch_palm.py decode --mode $mode --batch-size 1,64 \
             --steps 3 --warmup-steps 1 >> "$R" 2>> "$L"
     done

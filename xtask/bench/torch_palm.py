@@ -165,7 +165,7 @@ def setup(mode):
 
 def sync():
     if torch.cuda.is_available():
-        sync()
+        torch.cuda.synchronize()
 
 
 def sync_memory_reset():
