@@ -60,11 +60,14 @@ pub fn run(args: &[String]) -> Result<()> {
 fn gpu(args: &[String]) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     if !args.iter().any(|a| a == "--no-build") {
-        crate::run(
-            cargo()
-                .env("CUDARC_CUDA_VERSION", "13000")
-                .args(["build", "--release", "-p", "palm", "--features", "cuda"]),
-        )?;
+        crate::run(cargo().env("CUDARC_CUDA_VERSION", "13000").args([
+            "build",
+            "--release",
+            "-p",
+            "palm",
+            "--features",
+            "cuda",
+        ]))?;
         let carry = root.join(".devcarry");
         std::fs::create_dir_all(&carry).context(".devcarry")?;
         std::fs::copy(target_dir()?.join("release/palm"), carry.join("palm"))

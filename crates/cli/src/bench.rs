@@ -76,11 +76,22 @@ fn config(args: &Args) -> ModelConfig {
 }
 
 /// Deterministic pseudo-random ids in `[lo, hi)`.
-fn ids<B: Backend>(rows: usize, len: usize, seed: u64, lo: u64, hi: u64, device: &B::Device) -> Tensor<B, 2, Int> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+fn ids<B: Backend>(
+    rows: usize,
+    len: usize,
+    seed: u64,
+    lo: u64,
+    hi: u64,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let data: Vec<i64> = (0..rows * len)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (lo + (x >> 33) % (hi - lo)) as i64
         })
         .collect();
@@ -115,13 +126,17 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
     for &batch in &args.batch_size {
         B::seed(device, 1);
         let mut model = PalmTraining::new(Palm::<B>::new(&mc, device), mc.palm.label_smoothing);
-        let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.01).init();
+        let mut optim = AdamWConfig::new()
+            .with_epsilon(1e-8)
+            .with_weight_decay(0.01)
+            .init();
         let src = ids::<B>(batch, args.src_len, 1, 106, vocab, device);
         let tgt = ids::<B>(batch, args.tgt_len + 1, 2, 106, vocab, device);
         let make = || PalmBatch {
             src: src.clone(),
             tgt_in: tgt.clone().slice([0..batch, 0..args.tgt_len]),
             gold: tgt.clone().slice([0..batch, 1..args.tgt_len + 1]),
+            mlm_labels: None,
         };
         let mut step = |model: PalmTraining<B>| {
             let loss = model.loss(make()).mean();

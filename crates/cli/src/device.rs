@@ -46,7 +46,9 @@ impl Target {
             bail!("--precision bf16 needs --device cuda (the CPU backend computes in f32)");
         }
         if matches!(target, Target::Cuda { .. }) && !cfg!(feature = "cuda") {
-            bail!("--device {device}: this palm was built without CUDA (build with --features cuda)");
+            bail!(
+                "--device {device}: this palm was built without CUDA (build with --features cuda)"
+            );
         }
         Ok(target)
     }
@@ -91,7 +93,13 @@ mod tests {
         assert!(Target::parse("cpu", "f16").is_err());
         let cuda = Target::parse("cuda:1", "bf16");
         if cfg!(feature = "cuda") {
-            assert_eq!(cuda.unwrap(), Target::Cuda { index: 1, bf16: true });
+            assert_eq!(
+                cuda.unwrap(),
+                Target::Cuda {
+                    index: 1,
+                    bf16: true
+                }
+            );
         } else {
             assert!(cuda.unwrap_err().to_string().contains("without CUDA"));
         }

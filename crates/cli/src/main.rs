@@ -63,6 +63,11 @@ enum Command {
         after_help = "Examples:\n  palm train\n  palm train --model pretrained/ --train train.jsonl --valid dev.jsonl --out runs/ft"
     )]
     Train(Box<train::Args>),
+    /// Pre-train with PALM's objective (masked LM on the context + its continuation) on raw text.
+    #[command(
+        after_help = "Example:\n  palm pretrain --train corpus.txt --valid heldout.txt --out runs/pt --epochs 2\n  palm train --model runs/pt/model --train train.jsonl --valid dev.jsonl"
+    )]
+    Pretrain(Box<train::PretrainArgs>),
     /// Measure training or decoding throughput on random data (JSON lines).
     #[command(
         after_help = "Examples:\n  palm bench train --device cuda --precision bf16 --batch-size 8,64,256\n  palm bench decode --device cuda --batch-size 1,64 --beam-size 5"
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
         Command::Train(args) => train::run_cmd(*args),
+        Command::Pretrain(args) => train::pretrain_cmd(*args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

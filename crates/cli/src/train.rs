@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use palm_train::config::{BestMetric, RunConfig, ScheduleKind};
+use palm_train::pretrain::PretrainConfig;
 use palm_train::run::{ScoreRow, Start, resume_config, run};
 
 use burn::prelude::Backend;
@@ -113,6 +114,31 @@ struct Settings {
     /// Stop after N epochs without improving --best-metric.
     #[arg(long)]
     early_stopping: Option<usize>,
+    /// Use this vocab.txt for a fresh model instead of training one.
+    #[arg(long)]
+    vocab: Option<PathBuf>,
+}
+
+/// `palm pretrain`: the training flags plus the objective's.
+#[derive(clap::Args)]
+pub struct PretrainArgs {
+    #[command(flatten)]
+    train: Args,
+    /// Fraction of encoder tokens selected for the masked-LM loss.
+    #[arg(long)]
+    mask_probability: Option<f64>,
+    /// Weight of the masked-LM loss.
+    #[arg(long)]
+    mlm_weight: Option<f64>,
+    /// Weight of the decoder's (continuation) loss.
+    #[arg(long)]
+    lm_weight: Option<f64>,
+    /// Context share of each span (split at the preceding sentence end).
+    #[arg(long)]
+    split: Option<f64>,
+    /// Field of the document text in jsonl input.
+    #[arg(long)]
+    text_field: Option<String>,
 }
 
 fn parse_schedule(s: &str) -> std::result::Result<ScheduleKind, String> {
@@ -153,6 +179,7 @@ impl Settings {
             || s.keep_last.is_some()
             || s.best_metric.is_some()
             || s.early_stopping.is_some()
+            || s.vocab.is_some()
     }
 
     fn apply(self, c: &mut RunConfig) {
@@ -204,6 +231,9 @@ impl Settings {
         if self.early_stopping.is_some() {
             c.early_stopping = self.early_stopping;
         }
+        if self.vocab.is_some() {
+            c.vocab = self.vocab;
+        }
     }
 }
 
@@ -228,7 +258,7 @@ fn free_demo_dir() -> PathBuf {
         .expect("an unused directory name")
 }
 
-fn configure(args: Args) -> Result<(RunConfig, Start)> {
+fn configure(args: Args, pretrain: Option<PretrainConfig>) -> Result<(RunConfig, Start)> {
     if args.resume {
         let Some(out) = args.out else {
             bail!("--resume needs --out RUN_DIR (the run to continue)");
@@ -241,11 +271,23 @@ fn configure(args: Args) -> Result<(RunConfig, Start)> {
         }
         return Ok((resume_config(&out)?, Start::Resume));
     }
-    let mut c = match &args.config {
-        Some(path) => RunConfig::from_toml_file(path)?,
-        None if args.set.train.is_some() => RunConfig::default(),
-        None => RunConfig::demo(Path::new(".")),
+    let mut c = match (&args.config, &pretrain) {
+        (Some(path), _) => RunConfig::from_toml_file(path)?,
+        (None, Some(_)) => RunConfig {
+            // Pre-training scores the decoder's loss; decoding continuations says little.
+            valid_decode: 0,
+            best_metric: BestMetric::Loss,
+            ..RunConfig::default()
+        },
+        (None, None) if args.set.train.is_some() => RunConfig::default(),
+        (None, None) => RunConfig::demo(Path::new(".")),
     };
+    if pretrain.is_some() {
+        if args.set.train.is_none() && args.config.is_none() {
+            bail!("palm pretrain needs --train (raw text or jsonl documents) and --valid");
+        }
+        c.pretrain = pretrain;
+    }
     if args.set.train.is_some() && args.set.valid.is_none() && args.config.is_none() {
         bail!("--valid is required with --train");
     }
@@ -253,6 +295,7 @@ fn configure(args: Args) -> Result<(RunConfig, Start)> {
     c.out = match args.out {
         Some(o) => o,
         None if args.config.is_some() => c.out,
+        None if c.pretrain.is_some() => bail!("palm pretrain needs --out RUN_DIR"),
         None => free_demo_dir(),
     };
     let origin = args
@@ -264,7 +307,31 @@ fn configure(args: Args) -> Result<(RunConfig, Start)> {
 
 pub fn run_cmd(args: Args) -> Result<()> {
     let target = Target::parse(&args.device, &args.precision)?;
-    let (c, start) = configure(args)?;
+    let (c, start) = configure(args, None)?;
+    eprintln!("run directory: {}", c.out.display());
+    dispatch!(target, train_on(&c, start))
+}
+
+/// `palm pretrain`.
+pub fn pretrain_cmd(args: PretrainArgs) -> Result<()> {
+    let target = Target::parse(&args.train.device, &args.train.precision)?;
+    let mut p = PretrainConfig::default();
+    if let Some(v) = args.mask_probability {
+        p.mask_probability = v;
+    }
+    if let Some(v) = args.mlm_weight {
+        p.mlm_weight = v;
+    }
+    if let Some(v) = args.lm_weight {
+        p.lm_weight = v;
+    }
+    if let Some(v) = args.split {
+        p.split = v;
+    }
+    if let Some(v) = args.text_field {
+        p.text_field = v;
+    }
+    let (c, start) = configure(args.train, Some(p))?;
     eprintln!("run directory: {}", c.out.display());
     dispatch!(target, train_on(&c, start))
 }
@@ -297,6 +364,11 @@ fn train_on<B: Backend>(device: &B::Device, c: &RunConfig, start: Start) -> Resu
                 ""
             }
         );
+    }
+    if let Some(last) = summary.epochs.last()
+        && let (Some(loss), Some(acc)) = (last.valid_mlm_loss, last.valid_mlm_accuracy)
+    {
+        println!("validation masked-LM loss per masked token {loss:.4}, accuracy {acc:.2}%");
     }
     println!("model: {}", summary.model_dir.display());
     Ok(())

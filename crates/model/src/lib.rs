@@ -19,6 +19,7 @@ pub mod encoder;
 pub mod export;
 pub mod import;
 mod init;
+pub mod mlm;
 pub mod palm;
 
 pub use config::{BertConfig, ModelConfig, PalmConfig};

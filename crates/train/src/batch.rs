@@ -22,6 +22,8 @@ pub struct PalmBatch<B: Backend> {
     pub tgt_in: Tensor<B, 2, Int>,
     /// `[b, t - 1]`.
     pub gold: Tensor<B, 2, Int>,
+    /// Pre-training: `[b, s]` original ids at masked source positions, PAD elsewhere.
+    pub mlm_labels: Option<Tensor<B, 2, Int>>,
 }
 
 /// Pads with the PAD id to the longest row of the batch.
@@ -29,6 +31,24 @@ pub struct PalmBatch<B: Backend> {
 pub struct PalmBatcher {
     /// The PAD id.
     pub pad: u32,
+}
+
+impl PalmBatcher {
+    /// A batch whose sources were masked for pre-training: `items` carry the masked sources and
+    /// `labels` the masked-LM labels (same lengths).
+    pub fn batch_masked<B: Backend>(
+        &self,
+        items: Vec<Pair>,
+        labels: &[Vec<u32>],
+        device: &B::Device,
+    ) -> PalmBatch<B> {
+        let rows: Vec<&[u32]> = labels.iter().map(Vec::as_slice).collect();
+        let mlm = pad_ids::<B>(&rows, self.pad, device);
+        PalmBatch {
+            mlm_labels: Some(mlm),
+            ..self.batch(items, device)
+        }
+    }
 }
 
 /// A `[rows, longest]` id tensor, padded with `pad`.
@@ -54,6 +74,7 @@ impl<B: Backend> Batcher<B, Pair, PalmBatch<B>> for PalmBatcher {
             src,
             tgt_in: tgt.clone().slice([0..b, 0..t - 1]),
             gold: tgt.slice([0..b, 1..t]),
+            mlm_labels: None,
         }
     }
 }

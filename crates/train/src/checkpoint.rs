@@ -39,6 +39,10 @@ pub struct EpochRecord {
     pub valid_accuracy: f64,
     /// `exp` of the validation NLL per target token.
     pub valid_perplexity: f64,
+    /// Pre-training: masked-LM NLL per masked token on the validation split.
+    pub valid_mlm_loss: Option<f64>,
+    /// Pre-training: masked-LM accuracy, percent.
+    pub valid_mlm_accuracy: Option<f64>,
     /// Decoded validation rows, ROUGE/BLEU in percent (absent when decoding is off).
     pub generation: Option<GenerationScores>,
 }

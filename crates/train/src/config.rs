@@ -121,6 +121,11 @@ pub struct RunConfig {
     pub early_stopping: Option<usize>,
     /// The smallest change of `best_metric` that counts as an improvement.
     pub min_delta: f64,
+    /// Use this `vocab.txt` for a fresh model instead of training one on the data.
+    pub vocab: Option<PathBuf>,
+    /// Pre-train on raw documents (`train`/`valid` are text or jsonl documents) with PALM's
+    /// objective instead of fine-tuning on pairs.
+    pub pretrain: Option<crate::pretrain::PretrainConfig>,
 }
 
 impl Default for RunConfig {
@@ -155,6 +160,8 @@ impl Default for RunConfig {
             best_metric: BestMetric::RougeL,
             early_stopping: None,
             min_delta: 0.0,
+            vocab: None,
+            pretrain: None,
         }
     }
 }
@@ -247,6 +254,19 @@ impl RunConfig {
                 "`preset` must be `tiny` or `base-zh`, not `{}`",
                 self.preset
             ));
+        }
+        if let Some(p) = &self.pretrain {
+            if !((0.0..1.0).contains(&p.mask_probability) && 0.0 < p.split && p.split < 1.0) {
+                return bad(
+                    "`pretrain.mask_probability` must be in [0, 1) and `pretrain.split` in (0, 1)"
+                        .into(),
+                );
+            }
+            if p.mlm_weight < 0.0 || p.lm_weight < 0.0 || p.mlm_weight + p.lm_weight == 0.0 {
+                return bad(
+                    "`pretrain.mlm_weight` and `pretrain.lm_weight` must be ≥ 0, not both 0".into(),
+                );
+            }
         }
         if self.best_metric.needs_decoding() && self.valid_decode == 0 {
             return bad(format!(

@@ -78,6 +78,8 @@ pub struct PalmStrategy<B: AutodiffBackend> {
     pub beam: BeamConfig,
     /// PAD id.
     pub pad: u32,
+    /// Pre-training: the ids the masking needs.
+    pub mask: Option<crate::pretrain::MaskIds>,
     /// The checkpoint to continue from, with its state; a fresh state otherwise.
     pub start: (Option<usize>, TrainState),
     /// The device.
@@ -164,7 +166,14 @@ struct ValidSums {
     nll: f64,
     correct: f64,
     tokens: f64,
+    mlm_nll: f64,
+    mlm_correct: f64,
+    mlm_count: f64,
 }
+
+/// Salts of the masking seeds, so training and validation masks are independent streams.
+const TRAIN_MASKS: u64 = 0x6d61_736b_7472_6e31;
+const VALID_MASKS: u64 = 0x6d61_736b_7661_6c31;
 
 impl<B: AutodiffBackend> PalmStrategy<B> {
     fn saver(&self) -> Saver<B> {
@@ -199,7 +208,6 @@ impl<B: AutodiffBackend> PalmStrategy<B> {
                 .checkpointer
                 .load_checkpoint(learner.clone(), &self.device, step);
         }
-        let batcher = PalmBatcher { pad: self.pad };
         let rows = self.train.len();
         let accumulation = c.grad_accumulation.max(1);
         let mut lr = 0.0;
@@ -222,7 +230,9 @@ impl<B: AutodiffBackend> PalmStrategy<B> {
                     .map(|&i| self.train[i].clone())
                     .collect();
                 let tokens: usize = items.iter().map(|p| p.tgt.len().saturating_sub(1)).sum();
-                let out = learner.train_step(batcher.batch(items, &self.device));
+                let seed = mix(c.seed ^ TRAIN_MASKS, state.micro_steps as u64);
+                let batch = self.make_batch(items, seed, &self.device);
+                let out = learner.train_step(batch);
                 let loss: f64 = out.item.loss.clone().into_scalar().elem();
                 if !loss.is_finite() {
                     return Err(Error::NonFinite {
@@ -339,18 +349,26 @@ impl<B: AutodiffBackend> PalmStrategy<B> {
         let c = &self.config;
         let model = learner.model().valid();
         let device = self.device.clone();
-        let batcher = PalmBatcher { pad: self.pad };
         let global = Progress::new(epoch, c.epochs);
         let mut sums = ValidSums::default();
         let mut generation = TextGenerationMetric::default();
         let rows = self.valid.len();
         for (i, chunk) in self.valid.chunks(c.batch_size).enumerate() {
             let start = i * c.batch_size;
+            // The same masks at every epoch's validation.
+            let seed = mix(c.seed ^ VALID_MASKS, i as u64);
             let batch: crate::batch::PalmBatch<B::InnerBackend> =
-                batcher.batch(chunk.to_vec(), &device);
+                self.make_batch(chunk.to_vec(), seed, &device);
             let gold = batch.gold.clone();
+            if let Some(labels) = batch.mlm_labels.clone()
+                && let Some(m) = model.mlm_loss(&model.palm.encode(batch.src.clone()), labels)
+            {
+                sums.mlm_nll += m.sum.into_scalar().elem::<f64>();
+                sums.mlm_correct += m.correct.into_scalar().elem::<f64>();
+                sums.mlm_count += m.count.into_scalar().elem::<f64>();
+            }
             let mut out: PalmOutput<B::InnerBackend> = InferenceStep::step(&model, batch);
-            self.add_sums(&mut sums, &out, gold);
+            self.add_sums(&model, &mut sums, &out, gold);
             let decode = c.valid_decode.saturating_sub(start).min(chunk.len());
             if decode > 0 {
                 let pairs = self.decode(&model, &chunk[..decode], &device);
@@ -378,6 +396,9 @@ impl<B: AutodiffBackend> PalmStrategy<B> {
             valid_loss: sums.loss / tokens,
             valid_accuracy: 100.0 * sums.correct / tokens,
             valid_perplexity: (sums.nll / tokens).exp(),
+            valid_mlm_loss: (sums.mlm_count > 0.0).then(|| sums.mlm_nll / sums.mlm_count),
+            valid_mlm_accuracy: (sums.mlm_count > 0.0)
+                .then(|| 100.0 * sums.mlm_correct / sums.mlm_count),
             generation: generation.evaluate().ok().map(|s| {
                 let p = s.percent();
                 GenerationScores {
@@ -391,13 +412,40 @@ impl<B: AutodiffBackend> PalmStrategy<B> {
         }
     }
 
+    /// A batch of `items`; in pre-training with the sources masked by an RNG seeded `seed`.
+    fn make_batch<BB: Backend>(
+        &self,
+        items: Vec<Pair>,
+        seed: u64,
+        device: &BB::Device,
+    ) -> crate::batch::PalmBatch<BB> {
+        let batcher = PalmBatcher { pad: self.pad };
+        let (Some(mask), Some(p)) = (self.mask, &self.config.pretrain) else {
+            return batcher.batch(items, device);
+        };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut labels = Vec::with_capacity(items.len());
+        let items = items
+            .into_iter()
+            .map(|pair| {
+                let (src, l) =
+                    crate::pretrain::mask_tokens(&pair.src, p.mask_probability, mask, &mut rng);
+                labels.push(l);
+                Pair { src, tgt: pair.tgt }
+            })
+            .collect();
+        batcher.batch_masked(items, &labels, device)
+    }
+
     fn add_sums(
         &self,
+        model: &PalmTraining<B::InnerBackend>,
         sums: &mut ValidSums,
         out: &PalmOutput<B::InnerBackend>,
         gold: Tensor<B::InnerBackend, 2, Int>,
     ) {
         let lp = out.seq.logits.clone();
+        let gold_for_loss = gold.clone();
         let mask = gold.clone().not_equal_elem(self.pad as i64);
         let tokens: f64 = mask.clone().int().sum().into_scalar().elem();
         let predicted = lp.clone().argmax(2).squeeze_dim::<2>(2);
@@ -416,8 +464,14 @@ impl<B: AutodiffBackend> PalmStrategy<B> {
             .neg()
             .into_scalar()
             .elem();
-        let loss: f64 = out.seq.loss.clone().into_scalar().elem();
-        sums.loss += loss * tokens;
+        // The decoder's loss alone (in pre-training the step's loss also holds the MLM term).
+        let loss: f64 = model
+            .criterion()
+            .forward(out.seq.logits.clone(), gold_for_loss)
+            .sum
+            .into_scalar()
+            .elem();
+        sums.loss += loss;
         sums.nll += nll;
         sums.correct += correct;
         sums.tokens += tokens;

@@ -21,6 +21,7 @@ pub mod loss;
 pub mod model;
 pub mod output;
 pub mod plot;
+pub mod pretrain;
 pub mod render;
 pub mod run;
 pub mod schedule;

@@ -111,6 +111,8 @@ mod tests {
             valid_loss: 0.3,
             valid_accuracy: 90.0,
             valid_perplexity: 1.4,
+            valid_mlm_loss: None,
+            valid_mlm_accuracy: None,
             generation: None,
         }];
         let svg = render(&curve, &epochs).unwrap();

@@ -207,7 +207,10 @@ fn initial<B: Backend>(
         min_frequency: 1,
         ..TrainOptions::default()
     };
-    let tokenizer = PalmTokenizer::from_tokens(train_vocab(texts, &options)?)?;
+    let tokenizer = match &config.vocab {
+        Some(path) => PalmTokenizer::from_vocab_file(path)?,
+        None => PalmTokenizer::from_tokens(train_vocab(texts, &options)?)?,
+    };
     let mut mc = match config.preset.as_str() {
         "base-zh" => {
             let mut mc = ModelConfig::base_zh();
@@ -262,8 +265,29 @@ pub fn run<B: AutodiffBackend>(
         *p = std::path::absolute(&*p).map_err(|e| Error::io(p, e))?;
     }
     write_atomic(&out.join("config.toml"), recorded.to_toml().as_bytes())?;
-    let train_rows = read_pairs(&config.train)?;
-    let valid_rows = read_pairs(&config.valid)?;
+    let (train_rows, valid_rows) = match &config.pretrain {
+        Some(p) => {
+            let max_chars = config.max_src_len + config.max_tgt_len;
+            let pairs = |path: &Path| -> Result<Vec<(String, String)>> {
+                let docs = crate::pretrain::read_documents(path, &p.text_field)?;
+                let pairs: Vec<_> = docs
+                    .iter()
+                    .flat_map(|d| crate::pretrain::document_pairs(d, p.split, max_chars))
+                    .collect();
+                if pairs.is_empty() {
+                    return Err(Error::Config {
+                        path: path.to_path_buf(),
+                        message:
+                            "no document has two sentences to split into context and continuation"
+                                .into(),
+                    });
+                }
+                Ok(pairs)
+            };
+            (pairs(&config.train)?, pairs(&config.valid)?)
+        }
+        None => (read_pairs(&config.train)?, read_pairs(&config.valid)?),
+    };
 
     B::seed(device, config.seed);
     let init = match &resume_from {
@@ -302,8 +326,29 @@ pub fn run<B: AutodiffBackend>(
     let special = tokenizer.special_ids();
     let pad = special.pad;
     let accumulation = config.grad_accumulation.max(1);
-    let model = PalmTraining::new(palm, model_config.palm.label_smoothing)
+    let mut model = PalmTraining::new(palm, model_config.palm.label_smoothing)
         .with_grad_scale(1.0 / accumulation as f64);
+    let mut mask = None;
+    if let Some(p) = &config.pretrain {
+        let head = palm_model::mlm::MlmHead::new(&model_config, device);
+        model = model.with_mlm(head, p.mlm_weight, p.lm_weight);
+        mask = Some(crate::pretrain::MaskIds {
+            mask: special.mask,
+            pad,
+            first_regular: [
+                special.pad,
+                special.unk,
+                special.cls,
+                special.sep,
+                special.mask,
+            ]
+            .into_iter()
+            .max()
+            .unwrap_or(0)
+                + 1,
+            vocab: tokenizer.vocab_size() as u32,
+        });
+    }
     let state = match resume_from {
         Some((step, state)) => (Some(step), state),
         None => (
@@ -335,6 +380,7 @@ pub fn run<B: AutodiffBackend>(
             eos: special.sep,
         },
         pad,
+        mask,
         start: state,
         device: device.clone(),
         outcome: outcome.clone(),
@@ -404,7 +450,7 @@ pub fn run<B: AutodiffBackend>(
         stopped_early: fit.state.stopped_early,
         epochs: fit.state.history.clone(),
     };
-    if let Some(test) = &config.test {
+    if let Some(test) = config.test.as_ref().filter(|_| config.pretrain.is_none()) {
         let rows = read_pairs(test)?;
         let refs: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
         let srcs: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();

@@ -177,3 +177,67 @@ fn early_stopping_ends_the_run_and_keeps_the_best_and_last_checkpoints() {
     let svg = std::fs::read_to_string(config.out.join("loss.svg")).unwrap();
     assert!(svg.starts_with("<svg"));
 }
+
+#[test]
+fn pretraining_lowers_both_losses_and_writes_a_fine_tunable_model() {
+    let dir = tempfile::tempdir().unwrap();
+    // Documents of three demo sentences each: context = the first two, continuation = the last.
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/demo/train.jsonl");
+    let targets: Vec<String> = std::fs::read_to_string(demo)
+        .unwrap()
+        .lines()
+        .take(240)
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["tgt"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let docs: String = targets.chunks(3).map(|c| c.concat() + "\n").collect();
+    let (train, valid) = (dir.path().join("train.txt"), dir.path().join("valid.txt"));
+    let lines: Vec<&str> = docs.lines().collect();
+    std::fs::write(&train, lines[..64].join("\n")).unwrap();
+    std::fs::write(&valid, lines[64..].join("\n")).unwrap();
+    let config = RunConfig {
+        train,
+        valid,
+        test: None,
+        out: dir.path().join("run"),
+        epochs: 4,
+        batch_size: 8,
+        lr: 1e-2,
+        warmup: 8,
+        vocab_size: 400,
+        max_src_len: 96,
+        max_tgt_len: 48,
+        valid_decode: 0,
+        best_metric: palm_train::config::BestMetric::Loss,
+        pretrain: Some(palm_train::pretrain::PretrainConfig::default()),
+        ..RunConfig::default()
+    };
+    let summary =
+        run::<Autodiff<NdArray<f32>>>(&config, Start::Fresh, &NdArrayDevice::Cpu).unwrap();
+    let (first, last) = (&summary.epochs[0], summary.epochs.last().unwrap());
+    let (m0, m1) = (first.valid_mlm_loss.unwrap(), last.valid_mlm_loss.unwrap());
+    assert!(m1 < m0, "masked-LM loss {m0} -> {m1}");
+    assert!(
+        last.valid_loss < first.valid_loss,
+        "{} -> {}",
+        first.valid_loss,
+        last.valid_loss
+    );
+    let (a0, a1) = (
+        first.valid_mlm_accuracy.unwrap(),
+        last.valid_mlm_accuracy.unwrap(),
+    );
+    assert!(
+        (0.0..=100.0).contains(&a1) && a1 >= a0,
+        "masked-LM accuracy {a0} -> {a1}"
+    );
+    // The model directory has no MLM head and loads for fine-tuning.
+    let (_, palm) =
+        palm_model::import::load_dir::<NdArray<f32>>(&summary.model_dir, &NdArrayDevice::Cpu)
+            .unwrap();
+    assert!(palm.vocab_size() <= 400);
+}

@@ -1,0 +1,263 @@
+//! PALM's pre-training objective (`palm-reference.md` §7.1) on raw text: each document is cut
+//! into spans of whole sentences, each span split near 80% of its characters at a sentence end
+//! into a context (encoder input) and a continuation (decoder target). The encoder input is
+//! masked BERT-style for the masked-LM loss; the decoder learns the continuation with the
+//! label-smoothed loss; the objective is their weighted sum.
+
+use std::path::Path;
+
+use rand::RngExt;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Settings of the pre-training objective (`[pretrain]` in `config.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainConfig {
+    /// Fraction of encoder tokens selected for the masked-LM loss.
+    pub mask_probability: f64,
+    /// Weight of the masked-LM loss.
+    pub mlm_weight: f64,
+    /// Weight of the decoder's (autoregressive) loss.
+    pub lm_weight: f64,
+    /// Where a span is split into context and continuation, as a fraction of its characters.
+    pub split: f64,
+    /// Field of the document text in jsonl input.
+    pub text_field: String,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        PretrainConfig {
+            mask_probability: 0.15,
+            mlm_weight: 1.0,
+            lm_weight: 1.0,
+            split: 0.8,
+            text_field: "text".into(),
+        }
+    }
+}
+
+/// Sentence ends: Chinese and ASCII terminal punctuation.
+fn is_sentence_end(c: char) -> bool {
+    matches!(
+        c,
+        '。' | '！' | '？' | '；' | '…' | '.' | '!' | '?' | ';' | '\n'
+    )
+}
+
+/// Splits text after each sentence end (closing quotes stay with their sentence).
+pub fn sentences(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if is_sentence_end(c) {
+            let mut end = i + c.len_utf8();
+            while let Some(&(j, q)) = chars.peek() {
+                if matches!(q, '”' | '’' | '"' | '\'' | '）' | ')' | '」' | '』')
+                    || is_sentence_end(q)
+                {
+                    end = j + q.len_utf8();
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            let s = text[start..end].trim();
+            if !s.is_empty() {
+                out.push(s);
+            }
+            start = end;
+        }
+    }
+    let rest = text[start..].trim();
+    if !rest.is_empty() {
+        out.push(rest);
+    }
+    out
+}
+
+/// Context/continuation pairs of a document: spans of whole sentences of at most `max_chars`
+/// characters, each split at the last sentence end at or before `split` of its length (at
+/// least one sentence on each side). Spans of a single sentence are skipped.
+pub fn document_pairs(text: &str, split: f64, max_chars: usize) -> Vec<(String, String)> {
+    let sents = sentences(text);
+    let mut pairs = Vec::new();
+    let mut i = 0;
+    while i < sents.len() {
+        let mut j = i;
+        let mut chars = 0;
+        while j < sents.len() && (j == i || chars + sents[j].chars().count() <= max_chars) {
+            chars += sents[j].chars().count();
+            j += 1;
+        }
+        let span = &sents[i..j];
+        if span.len() >= 2 {
+            let target = (chars as f64 * split) as usize;
+            let mut cut = 1;
+            let mut seen = span[0].chars().count();
+            for (k, s) in span.iter().enumerate().skip(1) {
+                if k == span.len() - 1 || seen + s.chars().count() > target {
+                    break;
+                }
+                seen += s.chars().count();
+                cut = k + 1;
+            }
+            pairs.push((span[..cut].concat(), span[cut..].concat()));
+        }
+        i = j;
+    }
+    pairs
+}
+
+/// Documents of a raw text file (one per non-empty line) or a jsonl file (`field` of each row).
+pub fn read_documents(path: &Path, field: &str) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    let mut docs = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if jsonl {
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Config {
+                path: path.to_path_buf(),
+                message: format!("line {}: {e}", n + 1),
+            })?;
+            let Some(t) = v.get(field).and_then(|t| t.as_str()) else {
+                return Err(Error::Config {
+                    path: path.to_path_buf(),
+                    message: format!("line {}: no string field `{field}`", n + 1),
+                });
+            };
+            docs.push(t.to_owned());
+        } else {
+            docs.push(line.to_owned());
+        }
+    }
+    Ok(docs)
+}
+
+/// The ids the masking treats specially.
+#[derive(Debug, Clone, Copy)]
+pub struct MaskIds {
+    /// `[MASK]`.
+    pub mask: u32,
+    /// `[PAD]` (also the "not a target" label).
+    pub pad: u32,
+    /// First id a random replacement may take (after the special and unused tokens).
+    pub first_regular: u32,
+    /// Vocabulary size.
+    pub vocab: u32,
+}
+
+/// BERT's masking of one sequence: each non-special position is selected with probability `p`;
+/// a selected token becomes `[MASK]` (80%), a random regular token (10%) or stays (10%). Returns
+/// the masked ids and the labels (the original id at selected positions, PAD elsewhere).
+/// Special tokens (`[CLS]`, `[SEP]`, `[PAD]`, …, every id below `first_regular`) are never
+/// selected.
+pub fn mask_tokens(ids: &[u32], p: f64, m: MaskIds, rng: &mut StdRng) -> (Vec<u32>, Vec<u32>) {
+    let mut masked = ids.to_vec();
+    let mut labels = vec![m.pad; ids.len()];
+    for (i, &id) in ids.iter().enumerate() {
+        if id < m.first_regular || !rng.random_bool(p) {
+            continue;
+        }
+        labels[i] = id;
+        let r: f64 = rng.random();
+        masked[i] = if r < 0.8 {
+            m.mask
+        } else if r < 0.9 {
+            rng.random_range(m.first_regular..m.vocab)
+        } else {
+            id
+        };
+    }
+    (masked, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn sentences_keep_their_punctuation_and_quotes() {
+        let s = sentences("他说：“走吧。”我们走了！然后呢？没有了");
+        assert_eq!(
+            s,
+            vec!["他说：“走吧。”", "我们走了！", "然后呢？", "没有了"]
+        );
+    }
+
+    #[test]
+    fn spans_split_near_80_percent_at_a_sentence_end() {
+        let doc = "一二三四五。一二三四五。一二三四五。一二三四五。一二三四五。";
+        let pairs = document_pairs(doc, 0.8, 100);
+        assert_eq!(pairs.len(), 1);
+        assert_eq!(pairs[0].0.chars().count(), 24);
+        assert_eq!(pairs[0].1, "一二三四五。");
+        // Longer documents make several spans; a lone sentence makes none.
+        assert_eq!(document_pairs(doc, 0.8, 12).len(), 2);
+        assert!(document_pairs("只有一句。", 0.8, 100).is_empty());
+    }
+
+    #[test]
+    fn masking_rates_match_bert_and_specials_are_never_masked() {
+        let m = MaskIds {
+            mask: 103,
+            pad: 0,
+            first_regular: 106,
+            vocab: 5000,
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        let (mut selected, mut as_mask, mut random, mut kept, mut regular) = (0, 0, 0, 0, 0);
+        for _ in 0..2000 {
+            // [CLS] … [SEP] [PAD] with an [UNK] (100) and a [MASK] already in the text.
+            let mut ids = vec![101];
+            ids.extend((0..60).map(|i| 106 + (i * 37) % 4800));
+            ids.extend([100, 103, 102, 0]);
+            let (masked, labels) = mask_tokens(&ids, 0.15, m, &mut rng);
+            for (i, (&orig, (&new, &label))) in
+                ids.iter().zip(masked.iter().zip(&labels)).enumerate()
+            {
+                if orig < 106 {
+                    assert_eq!(
+                        (new, label),
+                        (orig, 0),
+                        "special id {orig} at {i} was touched"
+                    );
+                    continue;
+                }
+                regular += 1;
+                if label == 0 {
+                    assert_eq!(new, orig);
+                    continue;
+                }
+                assert_eq!(label, orig);
+                selected += 1;
+                if new == 103 {
+                    as_mask += 1;
+                } else if new == orig {
+                    kept += 1;
+                } else {
+                    assert!((106..5000).contains(&new));
+                    random += 1;
+                }
+            }
+        }
+        let rate = |a: usize, b: usize| a as f64 / b as f64;
+        assert!(
+            (rate(selected, regular) - 0.15).abs() < 0.005,
+            "{}",
+            rate(selected, regular)
+        );
+        assert!((rate(as_mask, selected) - 0.8).abs() < 0.01);
+        // A random replacement can draw the original id (1 in 4894): it then counts as kept.
+        assert!((rate(random, selected) - 0.1).abs() < 0.01);
+        assert!((rate(kept, selected) - 0.1).abs() < 0.01);
+    }
+}
