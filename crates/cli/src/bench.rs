@@ -145,10 +145,17 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
             (model, loss)
         };
         let cold = Instant::now();
-        for _ in 0..args.warmup_steps {
+        for i in 0..args.warmup_steps {
+            let t = Instant::now();
             let (m, loss) = step(model);
             model = m;
             let _: f32 = loss.into_scalar().elem();
+            // On stderr as it happens: a run cut short by a time limit still shows how far it got.
+            eprintln!(
+                "train batch {batch}: warm-up step {} took {:.2} s",
+                i + 1,
+                t.elapsed().as_secs_f64()
+            );
         }
         let cold = cold.elapsed().as_secs_f64();
         let start = Instant::now();
@@ -198,8 +205,14 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
         };
         let src = ids::<B>(batch, args.src_len, 3, 106, vocab, device);
         let cold = Instant::now();
-        for _ in 0..args.warmup_steps {
+        for i in 0..args.warmup_steps {
+            let t = Instant::now();
             beam_search(&model, src.clone(), &beam);
+            eprintln!(
+                "decode batch {batch}: warm-up run {} took {:.2} s",
+                i + 1,
+                t.elapsed().as_secs_f64()
+            );
         }
         let cold = cold.elapsed().as_secs_f64();
         let start = Instant::now();

@@ -419,7 +419,7 @@ impl<B: AutodiffBackend> PalmStrategy<B> {
         seed: u64,
         device: &BB::Device,
     ) -> crate::batch::PalmBatch<BB> {
-        let batcher = PalmBatcher { pad: self.pad };
+        let batcher = PalmBatcher::new(self.pad);
         let (Some(mask), Some(p)) = (self.mask, &self.config.pretrain) else {
             return batcher.batch(items, device);
         };

@@ -122,7 +122,7 @@ pub fn valid_loss<B: Backend>(
     pad: u32,
 ) -> f64 {
     let device = model.palm.devices().first().cloned().unwrap_or_default();
-    let batcher = PalmBatcher { pad };
+    let batcher = PalmBatcher::new(pad);
     let (mut sum, mut tokens) = (0.0f64, 0.0f64);
     for chunk in pairs.chunks(batch_size.max(1)) {
         let batch =
@@ -387,7 +387,7 @@ pub fn run<B: AutodiffBackend>(
     };
     // burn-train wants loaders; the strategy batches the data itself (its order must be a
     // function of the epoch for an exact resume).
-    let batcher = PalmBatcher { pad };
+    let batcher = PalmBatcher::new(pad);
     let no_train = DataLoaderBuilder::new(batcher).build(InMemDataset::new(Vec::<Pair>::new()));
     let no_valid = DataLoaderBuilder::new(batcher).build(InMemDataset::new(Vec::<Pair>::new()));
     let interrupter = Interrupter::new();
