@@ -1,4 +1,5 @@
-//! Reading prepared shards back: every row's ids and texts, shard by shard.
+//! Reading prepared shards back: every row's ids and texts, shard by shard, or as a stream
+//! through a shuffle buffer ([`ShuffledRows`]) so a dataset larger than memory can be trained on.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,102 @@ pub fn read_all(path: &Path) -> Result<Vec<Row>> {
         rows.extend(read_shard(&f)?);
     }
     Ok(rows)
+}
+
+/// The rows of a shard directory as a stream in a shuffled order fixed by `(seed, epoch)`:
+/// shards in a permuted order, rows read lazily record batch by record batch through a shuffle
+/// buffer of `buffer` rows (each arriving row replaces a uniformly drawn buffered one, which is
+/// yielded; the rest is drained in random order at the end). Every row comes out exactly once
+/// per epoch and memory holds at most `buffer` rows plus one record batch.
+pub struct ShuffledRows {
+    shards: Vec<PathBuf>,
+    next_shard: usize,
+    reader: Option<(
+        PathBuf,
+        parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    )>,
+    pending: std::vec::IntoIter<Row>,
+    buffer: Vec<Row>,
+    capacity: usize,
+    rng: rand::rngs::StdRng,
+    draining: bool,
+}
+
+impl ShuffledRows {
+    /// A stream over the shards under `path` (see [`shard_files`]).
+    pub fn new(path: &Path, buffer: usize, seed: u64, epoch: u64) -> Result<Self> {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let mut shards = shard_files(path)?;
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        shards.shuffle(&mut rng);
+        Ok(ShuffledRows {
+            shards,
+            next_shard: 0,
+            reader: None,
+            pending: Vec::new().into_iter(),
+            buffer: Vec::with_capacity(buffer.max(1)),
+            capacity: buffer.max(1),
+            rng,
+            draining: false,
+        })
+    }
+
+    /// The next row read from the shards, in file order.
+    fn read_next(&mut self) -> Result<Option<Row>> {
+        loop {
+            if let Some(row) = self.pending.next() {
+                return Ok(Some(row));
+            }
+            if let Some((path, reader)) = &mut self.reader {
+                match reader.next() {
+                    Some(batch) => {
+                        let batch = batch.map_err(|e| Error::file(&*path, e))?;
+                        let rows = batch_rows(&batch).map_err(|m| Error::file(&*path, m))?;
+                        self.pending = rows.into_iter();
+                        continue;
+                    }
+                    None => self.reader = None,
+                }
+            }
+            let Some(path) = self.shards.get(self.next_shard).cloned() else {
+                return Ok(None);
+            };
+            self.next_shard += 1;
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                .map_err(|e| Error::file(&path, format!("not a readable Parquet file: {e}")))?
+                .with_batch_size(1024)
+                .build()
+                .map_err(|e| Error::file(&path, e))?;
+            self.reader = Some((path, reader));
+        }
+    }
+}
+
+impl Iterator for ShuffledRows {
+    type Item = Result<Row>;
+
+    fn next(&mut self) -> Option<Result<Row>> {
+        use rand::RngExt;
+        use rand::seq::SliceRandom;
+        while !self.draining {
+            match self.read_next() {
+                Err(e) => return Some(Err(e)),
+                Ok(None) => {
+                    self.draining = true;
+                    self.buffer.shuffle(&mut self.rng);
+                }
+                Ok(Some(row)) if self.buffer.len() < self.capacity => self.buffer.push(row),
+                Ok(Some(row)) => {
+                    let j = self.rng.random_range(0..self.buffer.len());
+                    return Some(Ok(std::mem::replace(&mut self.buffer[j], row)));
+                }
+            }
+        }
+        self.buffer.pop().map(Ok)
+    }
 }
 
 fn batch_rows(batch: &RecordBatch) -> std::result::Result<Vec<Row>, String> {
