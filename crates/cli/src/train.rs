@@ -45,7 +45,8 @@ struct Settings {
     /// Architecture of a fresh model: tiny or base-zh.
     #[arg(long)]
     preset: Option<String>,
-    /// Training data (jsonl with src/tgt); default: the demo set.
+    /// Training data: jsonl with src/tgt, or a `palm prepare` shard directory (streamed);
+    /// default: the demo set.
     #[arg(long)]
     train: Option<PathBuf>,
     /// Validation data; default: the demo set.
@@ -117,6 +118,9 @@ struct Settings {
     /// Use this vocab.txt for a fresh model instead of training one.
     #[arg(long)]
     vocab: Option<PathBuf>,
+    /// Shuffle-buffer rows when --train is a `palm prepare` shard directory (streamed).
+    #[arg(long)]
+    shuffle_buffer: Option<usize>,
 }
 
 /// `palm pretrain`: the training flags plus the objective's.
@@ -180,6 +184,7 @@ impl Settings {
             || s.best_metric.is_some()
             || s.early_stopping.is_some()
             || s.vocab.is_some()
+            || s.shuffle_buffer.is_some()
     }
 
     fn apply(self, c: &mut RunConfig) {
@@ -234,6 +239,7 @@ impl Settings {
         if self.vocab.is_some() {
             c.vocab = self.vocab;
         }
+        set(&mut c.shuffle_buffer, self.shuffle_buffer);
     }
 }
 

@@ -123,6 +123,8 @@ pub struct RunConfig {
     pub min_delta: f64,
     /// Use this `vocab.txt` for a fresh model instead of training one on the data.
     pub vocab: Option<PathBuf>,
+    /// Shuffle-buffer rows when `train` is a prepared shard directory (streamed).
+    pub shuffle_buffer: usize,
     /// Pre-train on raw documents (`train`/`valid` are text or jsonl documents) with PALM's
     /// objective instead of fine-tuning on pairs.
     pub pretrain: Option<crate::pretrain::PretrainConfig>,
@@ -161,6 +163,7 @@ impl Default for RunConfig {
             early_stopping: None,
             min_delta: 0.0,
             vocab: None,
+            shuffle_buffer: 100_000,
             pretrain: None,
         }
     }

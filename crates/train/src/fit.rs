@@ -57,6 +57,95 @@ fn mix(a: u64, b: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Where training pairs come from.
+#[derive(Clone)]
+pub enum TrainData {
+    /// Pairs in memory; an epoch's order is [`epoch_order`].
+    Memory(Arc<Vec<Pair>>),
+    /// Prepared Parquet shards (`palm prepare`), streamed through a shuffle buffer of `buffer`
+    /// rows in an order fixed by (seed, epoch): never held in memory.
+    Shards {
+        /// The shard directory.
+        dir: std::path::PathBuf,
+        /// Rows in it (from its `meta.json`).
+        rows: usize,
+        /// Shuffle-buffer rows.
+        buffer: usize,
+        /// Source ids at most (longer rows are cut, keeping the final `[SEP]`).
+        max_src: usize,
+        /// Target ids at most.
+        max_tgt: usize,
+    },
+}
+
+impl TrainData {
+    /// Rows per epoch.
+    pub fn rows(&self) -> usize {
+        match self {
+            TrainData::Memory(p) => p.len(),
+            TrainData::Shards { rows, .. } => *rows,
+        }
+    }
+
+    /// The batches of `epoch`, in order.
+    fn batches(
+        &self,
+        seed: u64,
+        epoch: usize,
+        batch_size: usize,
+    ) -> Result<Box<dyn Iterator<Item = Result<Vec<Pair>>> + '_>> {
+        match self {
+            TrainData::Memory(pairs) => {
+                let order = epoch_order(pairs.len(), seed, epoch);
+                let batches: Vec<Vec<Pair>> = order
+                    .chunks(batch_size)
+                    .map(|c| c.iter().map(|&i| pairs[i].clone()).collect())
+                    .collect();
+                Ok(Box::new(batches.into_iter().map(Ok)))
+            }
+            TrainData::Shards {
+                dir,
+                buffer,
+                max_src,
+                max_tgt,
+                ..
+            } => {
+                let cut = |mut ids: Vec<u32>, max: usize| {
+                    if ids.len() > max && max >= 2 {
+                        let last = ids[ids.len() - 1];
+                        ids.truncate(max);
+                        ids[max - 1] = last;
+                    }
+                    ids
+                };
+                let (max_src, max_tgt) = (*max_src, *max_tgt);
+                let mut rows =
+                    palm_data::shards::ShuffledRows::new(dir, *buffer, seed, epoch as u64)?.map(
+                        move |r| {
+                            r.map(|row| Pair {
+                                src: cut(row.src_ids, max_src),
+                                tgt: cut(row.tgt_ids, max_tgt),
+                            })
+                        },
+                    );
+                Ok(Box::new(std::iter::from_fn(move || {
+                    let mut batch = Vec::with_capacity(batch_size);
+                    for row in rows.by_ref() {
+                        match row {
+                            Ok(p) => batch.push(p),
+                            Err(e) => return Some(Err(Error::from(e))),
+                        }
+                        if batch.len() == batch_size {
+                            break;
+                        }
+                    }
+                    (!batch.is_empty()).then_some(Ok(batch))
+                })))
+            }
+        }
+    }
+}
+
 /// How a training loop ended, for [`crate::run::run`].
 #[derive(Debug)]
 pub struct FitOutcome {
@@ -69,7 +158,7 @@ pub struct PalmStrategy<B: AutodiffBackend> {
     /// The run's settings.
     pub config: RunConfig,
     /// Training pairs.
-    pub train: Arc<Vec<Pair>>,
+    pub train: TrainData,
     /// Validation pairs.
     pub valid: Arc<Vec<Pair>>,
     /// For decoding validation predictions and references.
@@ -208,27 +297,30 @@ impl<B: AutodiffBackend> PalmStrategy<B> {
                 .checkpointer
                 .load_checkpoint(learner.clone(), &self.device, step);
         }
-        let rows = self.train.len();
+        let rows = self.train.rows();
         let accumulation = c.grad_accumulation.max(1);
         let mut lr = 0.0;
         while state.epoch <= c.epochs && !state.stopped_early {
             let epoch = state.epoch;
-            let order = epoch_order(rows, c.seed, epoch);
-            let batches: Vec<&[usize]> = order.chunks(c.batch_size).collect();
+            let batch_count = rows.div_ceil(c.batch_size);
+            // A resumed epoch skips the batches its checkpoint had trained (for shards, by
+            // reading past them).
+            let batches = self
+                .train
+                .batches(c.seed, epoch, c.batch_size)?
+                .enumerate()
+                .skip(state.next_batch);
             let global = Progress::new(epoch, c.epochs);
             let mut accumulator = GradientsAccumulator::<PalmTraining<B>>::new();
             let mut in_group = 0usize;
             let mut group = crate::checkpoint::Running::default();
-            for (b, rows_of_batch) in batches.iter().enumerate().skip(state.next_batch) {
+            for (b, items) in batches {
+                let items = items?;
                 if in_group == 0 {
                     learner.lr_step();
                     lr = learner.lr_current();
                 }
                 B::seed(&self.device, mix(c.seed, state.micro_steps as u64));
-                let items: Vec<Pair> = rows_of_batch
-                    .iter()
-                    .map(|&i| self.train[i].clone())
-                    .collect();
                 let tokens: usize = items.iter().map(|p| p.tgt.len().saturating_sub(1)).sum();
                 let seed = mix(c.seed ^ TRAIN_MASKS, state.micro_steps as u64);
                 let batch = self.make_batch(items, seed, &self.device);
@@ -252,7 +344,7 @@ impl<B: AutodiffBackend> PalmStrategy<B> {
                 group.loss_sum += loss * tokens as f64;
                 group.tokens += tokens as f64;
                 in_group += 1;
-                let last_of_epoch = b + 1 == batches.len();
+                let last_of_epoch = b + 1 == batch_count;
                 let grads = if accumulation == 1 {
                     Some(out.grads)
                 } else {

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{Pair, PalmBatcher};
 use crate::checkpoint::{Best, CheckpointDir, EpochRecord, TrainState, write_atomic};
 use crate::config::RunConfig;
-use crate::fit::PalmStrategy;
+use crate::fit::{PalmStrategy, TrainData};
 use crate::model::PalmTraining;
 use crate::output::{GenerationMetric, GenerationScore};
 use crate::schedule::Schedule;
@@ -90,6 +90,22 @@ impl From<Scores> for ScoreRow {
             rouge_l: p.rouge_l,
             bleu_4: p.bleu_4,
         }
+    }
+}
+
+/// The metadata of a prepared shard directory, if `path` is one.
+fn shards_meta(path: &Path) -> Option<palm_data::prepare::PrepareReport> {
+    path.join("meta.json")
+        .is_file()
+        .then(|| palm_data::prepare::read_meta(path).ok())
+        .flatten()
+}
+
+/// Validation pairs as text, or nothing for a shard directory (read as ids instead).
+fn read_text_pairs(path: &Path) -> Result<Vec<(String, String)>> {
+    match shards_meta(path) {
+        Some(_) => Ok(Vec::new()),
+        None => read_pairs(path),
     }
 }
 
@@ -286,8 +302,25 @@ pub fn run<B: AutodiffBackend>(
             };
             (pairs(&config.train)?, pairs(&config.valid)?)
         }
-        None => (read_pairs(&config.train)?, read_pairs(&config.valid)?),
+        // Prepared shards are streamed, not read here (their ids are used as they are).
+        None if shards_meta(&config.train).is_some() => {
+            (Vec::new(), read_text_pairs(&config.valid)?)
+        }
+        None => (read_pairs(&config.train)?, read_text_pairs(&config.valid)?),
     };
+    let shards = match &config.pretrain {
+        Some(_) => None,
+        None => shards_meta(&config.train),
+    };
+    if shards.is_some() && config.model.is_none() && config.vocab.is_none() && resume_from.is_none()
+    {
+        return Err(Error::Config {
+            path: config.train.clone(),
+            message: "prepared shards carry token ids: name the vocabulary they were made with \
+                      (--vocab) or a model directory (--model)"
+                .into(),
+        });
+    }
 
     B::seed(device, config.seed);
     let init = match &resume_from {
@@ -321,8 +354,43 @@ pub fn run<B: AutodiffBackend>(
     )?;
 
     let max_src = config.max_src_len.min(model_config.palm.max_pos);
-    let train = encode(&tokenizer, &train_rows, max_src, config.max_tgt_len);
-    let valid = encode(&tokenizer, &valid_rows, max_src, config.max_tgt_len);
+    let train = match &shards {
+        Some(meta) => {
+            if meta.vocab_size != tokenizer.vocab_size() {
+                return Err(Error::Config {
+                    path: config.train.clone(),
+                    message: format!(
+                        "the shards were prepared with a vocabulary of {} tokens, the model has {}",
+                        meta.vocab_size,
+                        tokenizer.vocab_size()
+                    ),
+                });
+            }
+            TrainData::Shards {
+                dir: config.train.clone(),
+                rows: meta.rows as usize,
+                buffer: config.shuffle_buffer,
+                max_src,
+                max_tgt: config.max_tgt_len,
+            }
+        }
+        None => TrainData::Memory(Arc::new(encode(
+            &tokenizer,
+            &train_rows,
+            max_src,
+            config.max_tgt_len,
+        ))),
+    };
+    let valid = match shards_meta(&config.valid) {
+        Some(_) if config.pretrain.is_none() => palm_data::shards::read_all(&config.valid)?
+            .into_iter()
+            .map(|r| Pair {
+                src: r.src_ids,
+                tgt: r.tgt_ids,
+            })
+            .collect(),
+        _ => encode(&tokenizer, &valid_rows, max_src, config.max_tgt_len),
+    };
     let special = tokenizer.special_ids();
     let pad = special.pad;
     let accumulation = config.grad_accumulation.max(1);
@@ -356,7 +424,7 @@ pub fn run<B: AutodiffBackend>(
             TrainState::start(valid_loss(&model.valid(), &valid, config.batch_size, pad)),
         ),
     };
-    let batches_per_epoch = train.len().div_ceil(config.batch_size);
+    let batches_per_epoch = train.rows().div_ceil(config.batch_size);
     let total_steps = batches_per_epoch.div_ceil(accumulation) * config.epochs;
     // PyTorch's AdamW defaults (burn's epsilon default is 1e-5).
     let optim = AdamWConfig::new()
@@ -368,7 +436,7 @@ pub fn run<B: AutodiffBackend>(
     let outcome = Arc::new(Mutex::new(None));
     let strategy = PalmStrategy::<B> {
         config: config.clone(),
-        train: Arc::new(train),
+        train,
         valid: Arc::new(valid.clone()),
         tokenizer: tokenizer.clone(),
         beam: BeamConfig {
@@ -483,7 +551,10 @@ pub fn run<B: AutodiffBackend>(
             .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)))
             .map(|(t, _)| t.to_owned())
             .unwrap_or_default();
-        summary.most_frequent = Some(score(&vec![frequent; refs.len()], &refs)?.into());
+        // Streamed shards are not held in memory: no most-frequent baseline for them.
+        if !train_rows.is_empty() {
+            summary.most_frequent = Some(score(&vec![frequent; refs.len()], &refs)?.into());
+        }
         let lines: String = rows
             .iter()
             .zip(&preds)

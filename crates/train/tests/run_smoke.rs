@@ -241,3 +241,93 @@ fn pretraining_lowers_both_losses_and_writes_a_fine_tunable_model() {
             .unwrap();
     assert!(palm.vocab_size() <= 400);
 }
+
+#[test]
+fn streamed_shards_train_and_resume_from_a_mid_epoch_checkpoint_exactly() {
+    type B = Autodiff<NdArray<f32>>;
+    let dir = tempfile::tempdir().unwrap();
+    let train_jsonl = demo_head(dir.path(), "train.jsonl", 200);
+    let valid = demo_head(dir.path(), "valid.jsonl", 16);
+    // A vocabulary and shards of 64 rows, streamed through a 32-row shuffle buffer.
+    let text = std::fs::read_to_string(&train_jsonl).unwrap();
+    let texts: Vec<String> = text
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            [
+                v["src"].as_str().unwrap().to_owned(),
+                v["tgt"].as_str().unwrap().to_owned(),
+            ]
+        })
+        .collect();
+    let options = palm_tokenizer::TrainOptions {
+        size: 400,
+        min_frequency: 1,
+        ..Default::default()
+    };
+    let tokens = palm_tokenizer::train_vocab(texts.iter().map(String::as_str), &options).unwrap();
+    let vocab = dir.path().join("vocab.txt");
+    std::fs::write(&vocab, tokens.join("\n") + "\n").unwrap();
+    let tok = palm_tokenizer::PalmTokenizer::from_vocab_file(&vocab).unwrap();
+    let shards = dir.path().join("shards");
+    let examples = palm_data::reader::open(
+        &train_jsonl,
+        &palm_data::reader::ReaderOptions::new(palm_data::reader::Format::Jsonl),
+    )
+    .unwrap();
+    let prep = palm_data::prepare::PrepareOptions {
+        shard_rows: 64,
+        ..Default::default()
+    };
+    palm_data::prepare::prepare(examples, &train_jsonl, &tok, &shards, &prep, |_| {}).unwrap();
+
+    let config = |out: &str| RunConfig {
+        train: shards.clone(),
+        valid: valid.clone(),
+        test: None,
+        out: dir.path().join(out),
+        vocab: Some(vocab.clone()),
+        epochs: 2,
+        batch_size: 8,
+        lr: 1e-2,
+        warmup: 5,
+        max_src_len: 48,
+        max_tgt_len: 32,
+        shuffle_buffer: 32,
+        checkpoint_every: Some(5),
+        keep_last: 100,
+        valid_decode: 4,
+        beam_size: 2,
+        ..RunConfig::default()
+    };
+    let a = config("a");
+    let sa = run::<B>(&a, Start::Fresh, &NdArrayDevice::Cpu).unwrap();
+    assert_eq!(sa.steps, 50, "25 batches of 200 streamed rows per epoch");
+
+    // The same run, then rewound to its mid-epoch-2 checkpoint (5 batches into the epoch) and
+    // resumed: the stream is replayed past those batches.
+    let b = config("b");
+    run::<B>(&b, Start::Fresh, &NdArrayDevice::Cpu).unwrap();
+    let ckpt = palm_train::checkpoint::CheckpointDir::new(&b.out);
+    let state = ckpt.state(30).unwrap();
+    assert_eq!(state.next_batch, 5);
+    // Pruning never removes the best checkpoint; neither does this rewind.
+    let best = state.best.unwrap().step;
+    for step in ckpt.complete().unwrap() {
+        if step != 30 && step != best {
+            std::fs::remove_dir_all(ckpt.path(step)).unwrap();
+        }
+    }
+    std::fs::remove_file(b.out.join("summary.json")).unwrap();
+    let resumed = palm_train::run::resume_config(&b.out).unwrap();
+    run::<B>(&resumed, Start::Resume, &NdArrayDevice::Cpu).unwrap();
+    let text = |c: &RunConfig| {
+        std::fs::read_to_string(c.out.join("summary.json"))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.contains("\"model_dir\""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(text(&a), text(&b));
+}
