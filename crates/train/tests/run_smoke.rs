@@ -8,6 +8,14 @@ use burn_ndarray::{NdArray, NdArrayDevice};
 use palm_train::RunConfig;
 use palm_train::run::{Start, run};
 
+/// burn's CPU backend seeds one process-wide RNG (initial weights, dropout): runs in parallel
+/// test threads would draw from each other's streams, so the runs of this file take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The first `n` rows of a demo split, copied into `dir`.
 fn demo_head(dir: &Path, name: &str, n: usize) -> std::path::PathBuf {
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/demo");
@@ -20,6 +28,7 @@ fn demo_head(dir: &Path, name: &str, n: usize) -> std::path::PathBuf {
 
 #[test]
 fn a_tiny_run_writes_a_usable_model_directory() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let head = |name: &str, n: usize| demo_head(dir.path(), name, n);
     let mut config = RunConfig::demo(Path::new("."));
@@ -45,6 +54,7 @@ fn a_tiny_run_writes_a_usable_model_directory() {
 
 #[test]
 fn fine_tuning_a_modelscope_checkpoint_lowers_validation_loss() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let head = |name: &str, n: usize| demo_head(dir.path(), name, n);
@@ -72,6 +82,7 @@ fn fine_tuning_a_modelscope_checkpoint_lowers_validation_loss() {
 
 #[test]
 fn a_diverging_run_stops_with_a_clear_error_and_its_last_checkpoint_loads() {
+    let _serial = serial();
     type B = Autodiff<NdArray<f32>>;
     let dir = tempfile::tempdir().unwrap();
     let data = demo_head(dir.path(), "train.jsonl", 48);
@@ -126,6 +137,7 @@ fn a_diverging_run_stops_with_a_clear_error_and_its_last_checkpoint_loads() {
 
 #[test]
 fn early_stopping_ends_the_run_and_keeps_the_best_and_last_checkpoints() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let data = demo_head(dir.path(), "train.jsonl", 32);
     let mut config = RunConfig::demo(Path::new("."));
@@ -180,6 +192,7 @@ fn early_stopping_ends_the_run_and_keeps_the_best_and_last_checkpoints() {
 
 #[test]
 fn pretraining_lowers_both_losses_and_writes_a_fine_tunable_model() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     // Documents of three demo sentences each: context = the first two, continuation = the last.
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/demo/train.jsonl");
@@ -244,6 +257,7 @@ fn pretraining_lowers_both_losses_and_writes_a_fine_tunable_model() {
 
 #[test]
 fn streamed_shards_train_and_resume_from_a_mid_epoch_checkpoint_exactly() {
+    let _serial = serial();
     type B = Autodiff<NdArray<f32>>;
     let dir = tempfile::tempdir().unwrap();
     let train_jsonl = demo_head(dir.path(), "train.jsonl", 200);
