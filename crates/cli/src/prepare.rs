@@ -14,7 +14,8 @@ pub struct Args {
     /// The corpus file.
     #[arg(long)]
     input: PathBuf,
-    /// auto, jsonl, csv, tsv, parquet, lcsts, adgen or dureader-qg.
+    /// auto, jsonl, csv, tsv, parquet, lcsts, adgen, dureader-qg, or documents (raw text for
+    /// `palm pretrain`: one document per line, or a jsonl `text` field via --src-field).
     #[arg(long, default_value = "auto")]
     format: Format,
     /// Source field or column (default: src; content for adgen, text1 for dureader-qg).
@@ -45,11 +46,27 @@ pub struct Args {
     /// standard test split).
     #[arg(long)]
     lcsts_min_label: Option<u8>,
+    /// Documents: context share of each span (split at the preceding sentence end).
+    #[arg(long, default_value_t = 0.8)]
+    split: f64,
+    /// Documents: characters per span at most.
+    #[arg(long, default_value_t = 256)]
+    max_chars: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let tokenizer = PalmTokenizer::from_vocab_file(&args.vocab)?;
     let mut reader = ReaderOptions::new(args.format);
+    if args.format == Format::Documents {
+        if !(args.split > 0.0 && args.split < 1.0) {
+            anyhow::bail!("--split must be in (0, 1), not {}", args.split);
+        }
+        reader.documents = palm_data::documents::DocumentOptions {
+            split: args.split,
+            max_chars: args.max_chars.max(2),
+            text_field: args.src_field.clone().unwrap_or_else(|| "text".into()),
+        };
+    }
     reader.src_field = args.src_field;
     reader.tgt_field = args.tgt_field;
     reader.lcsts_min_label = args.lcsts_min_label;

@@ -214,3 +214,82 @@ fn a_bad_config_file_is_one_error_naming_file_and_line() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(!out.exists(), "no run directory is left behind");
 }
+
+#[test]
+fn pretraining_streams_document_shards_prepared_from_raw_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/demo/train.jsonl");
+    let targets: Vec<String> = std::fs::read_to_string(demo)
+        .unwrap()
+        .lines()
+        .take(150)
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["tgt"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    // Documents of three sentences, as raw text: one per line.
+    let docs: String = targets.chunks(3).map(|c| c.concat() + "\n").collect();
+    let text = dir.path().join("docs.txt");
+    std::fs::write(&text, docs).unwrap();
+    let vocab = dir.path().join("vocab.txt");
+    run_ok({
+        let mut c = palm();
+        c.args(["vocab", "--size", "400", "--input"])
+            .arg(&text)
+            .arg("--output")
+            .arg(&vocab);
+        c
+    });
+    let shards = dir.path().join("shards");
+    run_ok({
+        let mut c = palm();
+        c.args([
+            "prepare",
+            "--format",
+            "documents",
+            "--max-chars",
+            "120",
+            "--input",
+        ])
+        .arg(&text)
+        .arg("--vocab")
+        .arg(&vocab)
+        .arg("--output")
+        .arg(&shards);
+        c
+    });
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shards.join("meta.json")).unwrap()).unwrap();
+    // About one context/continuation pair per 3-sentence document.
+    let rows = meta["rows"].as_u64().unwrap();
+    assert!((40..=60).contains(&rows), "{meta}");
+    let out = dir.path().join("pt");
+    run_ok({
+        let mut c = palm();
+        c.args(["pretrain", "--train"])
+            .arg(&shards)
+            .arg("--valid")
+            .arg(&shards)
+            .arg("--vocab")
+            .arg(&vocab)
+            .arg("--out")
+            .arg(&out);
+        for (flag, value) in [
+            ("--epochs", "1"),
+            ("--batch-size", "10"),
+            ("--shuffle-buffer", "16"),
+            ("--max-src-len", "96"),
+            ("--max-tgt-len", "48"),
+        ] {
+            c.args([flag, value]);
+        }
+        c
+    });
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"].as_u64().unwrap(), rows.div_ceil(10));
+    let mlm = summary["epochs"][0]["valid_mlm_loss"].as_f64().unwrap();
+    assert!(mlm.is_finite() && mlm > 0.0, "{summary}");
+    assert!(out.join("model/model.mpk").is_file());
+}

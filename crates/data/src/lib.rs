@@ -19,6 +19,7 @@
 //! assert_eq!(rows[0].tgt, "白色上衣");
 //! ```
 
+pub mod documents;
 pub mod prepare;
 pub mod reader;
 pub mod shards;
@@ -67,6 +68,14 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    pub(crate) fn row(path: impl Into<PathBuf>, line: u64, message: impl ToString) -> Self {
+        Error::Row {
+            path: path.into(),
+            line,
+            message: message.to_string(),
         }
     }
 

@@ -34,6 +34,9 @@ pub enum Format {
     /// DuReader_robust-QG: `text1` (`answer[SEP]passage`) and `text2` (the question), in jsonl,
     /// csv or tsv.
     DureaderQg,
+    /// Raw documents (one per line of a text file, or the `text` field of jsonl rows), turned
+    /// into pre-training context/continuation pairs ([`crate::documents`]).
+    Documents,
 }
 
 impl FromStr for Format {
@@ -49,9 +52,10 @@ impl FromStr for Format {
             "lcsts" => Format::Lcsts,
             "adgen" => Format::Adgen,
             "dureader-qg" => Format::DureaderQg,
+            "documents" => Format::Documents,
             other => {
                 return Err(format!(
-                    "unknown format {other:?}; expected auto, jsonl, csv, tsv, parquet, lcsts, adgen or dureader-qg"
+                    "unknown format {other:?}; expected auto, jsonl, csv, tsv, parquet, lcsts, adgen, dureader-qg or documents"
                 ));
             }
         })
@@ -84,6 +88,8 @@ pub struct ReaderOptions {
     pub lcsts_min_label: Option<u8>,
     /// Whether a missing target is allowed (inference input has none); it reads as "".
     pub allow_missing_target: bool,
+    /// Documents only: how they become pairs.
+    pub documents: crate::documents::DocumentOptions,
 }
 
 impl ReaderOptions {
@@ -95,6 +101,7 @@ impl ReaderOptions {
             tgt_field: None,
             lcsts_min_label: None,
             allow_missing_target: false,
+            documents: crate::documents::DocumentOptions::default(),
         }
     }
 }
@@ -178,6 +185,12 @@ pub fn open_input(path: &Path, options: &ReaderOptions) -> Result<Input> {
             path_buf,
             counting,
             options.lcsts_min_label,
+        )),
+        Format::Documents => Box::new(crate::documents::DocumentReader::new(
+            path_buf,
+            counting,
+            extension(path).as_deref() == Some("jsonl"),
+            options.documents.clone(),
         )),
         Format::Auto => unreachable!("detected above"),
     };

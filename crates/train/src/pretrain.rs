@@ -10,6 +10,8 @@ use rand::RngExt;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
+pub use palm_data::documents::{document_pairs, sentences};
+
 use crate::{Error, Result};
 
 /// Settings of the pre-training objective (`[pretrain]` in `config.toml`).
@@ -38,79 +40,6 @@ impl Default for PretrainConfig {
             text_field: "text".into(),
         }
     }
-}
-
-/// Sentence ends: Chinese and ASCII terminal punctuation.
-fn is_sentence_end(c: char) -> bool {
-    matches!(
-        c,
-        '。' | '！' | '？' | '；' | '…' | '.' | '!' | '?' | ';' | '\n'
-    )
-}
-
-/// Splits text after each sentence end (closing quotes stay with their sentence).
-pub fn sentences(text: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut chars = text.char_indices().peekable();
-    while let Some((i, c)) = chars.next() {
-        if is_sentence_end(c) {
-            let mut end = i + c.len_utf8();
-            while let Some(&(j, q)) = chars.peek() {
-                if matches!(q, '”' | '’' | '"' | '\'' | '）' | ')' | '」' | '』')
-                    || is_sentence_end(q)
-                {
-                    end = j + q.len_utf8();
-                    chars.next();
-                } else {
-                    break;
-                }
-            }
-            let s = text[start..end].trim();
-            if !s.is_empty() {
-                out.push(s);
-            }
-            start = end;
-        }
-    }
-    let rest = text[start..].trim();
-    if !rest.is_empty() {
-        out.push(rest);
-    }
-    out
-}
-
-/// Context/continuation pairs of a document: spans of whole sentences of at most `max_chars`
-/// characters, each split at the last sentence end at or before `split` of its length (at
-/// least one sentence on each side). Spans of a single sentence are skipped.
-pub fn document_pairs(text: &str, split: f64, max_chars: usize) -> Vec<(String, String)> {
-    let sents = sentences(text);
-    let mut pairs = Vec::new();
-    let mut i = 0;
-    while i < sents.len() {
-        let mut j = i;
-        let mut chars = 0;
-        while j < sents.len() && (j == i || chars + sents[j].chars().count() <= max_chars) {
-            chars += sents[j].chars().count();
-            j += 1;
-        }
-        let span = &sents[i..j];
-        if span.len() >= 2 {
-            let target = (chars as f64 * split) as usize;
-            let mut cut = 1;
-            let mut seen = span[0].chars().count();
-            for (k, s) in span.iter().enumerate().skip(1) {
-                if k == span.len() - 1 || seen + s.chars().count() > target {
-                    break;
-                }
-                seen += s.chars().count();
-                cut = k + 1;
-            }
-            pairs.push((span[..cut].concat(), span[cut..].concat()));
-        }
-        i = j;
-    }
-    pairs
 }
 
 /// Documents of a raw text file (one per non-empty line) or a jsonl file (`field` of each row).
@@ -183,27 +112,6 @@ pub fn mask_tokens(ids: &[u32], p: f64, m: MaskIds, rng: &mut StdRng) -> (Vec<u3
 mod tests {
     use super::*;
     use rand::SeedableRng;
-
-    #[test]
-    fn sentences_keep_their_punctuation_and_quotes() {
-        let s = sentences("他说：“走吧。”我们走了！然后呢？没有了");
-        assert_eq!(
-            s,
-            vec!["他说：“走吧。”", "我们走了！", "然后呢？", "没有了"]
-        );
-    }
-
-    #[test]
-    fn spans_split_near_80_percent_at_a_sentence_end() {
-        let doc = "一二三四五。一二三四五。一二三四五。一二三四五。一二三四五。";
-        let pairs = document_pairs(doc, 0.8, 100);
-        assert_eq!(pairs.len(), 1);
-        assert_eq!(pairs[0].0.chars().count(), 24);
-        assert_eq!(pairs[0].1, "一二三四五。");
-        // Longer documents make several spans; a lone sentence makes none.
-        assert_eq!(document_pairs(doc, 0.8, 12).len(), 2);
-        assert!(document_pairs("只有一句。", 0.8, 100).is_empty());
-    }
 
     #[test]
     fn masking_rates_match_bert_and_specials_are_never_masked() {

@@ -285,6 +285,11 @@ pub fn run<B: AutodiffBackend>(
         Some(p) => {
             let max_chars = config.max_src_len + config.max_tgt_len;
             let pairs = |path: &Path| -> Result<Vec<(String, String)>> {
+                if shards_meta(path).is_some() {
+                    // `palm prepare --format documents` shards: streamed (train) or read as
+                    // ids (valid).
+                    return Ok(Vec::new());
+                }
                 let docs = crate::pretrain::read_documents(path, &p.text_field)?;
                 let pairs: Vec<_> = docs
                     .iter()
@@ -308,10 +313,7 @@ pub fn run<B: AutodiffBackend>(
         }
         None => (read_pairs(&config.train)?, read_text_pairs(&config.valid)?),
     };
-    let shards = match &config.pretrain {
-        Some(_) => None,
-        None => shards_meta(&config.train),
-    };
+    let shards = shards_meta(&config.train);
     if shards.is_some() && config.model.is_none() && config.vocab.is_none() && resume_from.is_none()
     {
         return Err(Error::Config {
@@ -382,7 +384,7 @@ pub fn run<B: AutodiffBackend>(
         ))),
     };
     let valid = match shards_meta(&config.valid) {
-        Some(_) if config.pretrain.is_none() => palm_data::shards::read_all(&config.valid)?
+        Some(_) => palm_data::shards::read_all(&config.valid)?
             .into_iter()
             .map(|r| Pair {
                 src: r.src_ids,
