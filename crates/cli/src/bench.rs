@@ -14,7 +14,7 @@ use palm_model::{ModelConfig, Palm};
 use palm_train::batch::PalmBatch;
 use palm_train::model::PalmTraining;
 
-use crate::device::{Target, dispatch};
+use crate::device::{DeviceArgs, dispatch};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,16 +45,12 @@ pub struct Args {
     /// Forced decoding steps (EOS is blocked until then).
     #[arg(long, default_value_t = 32)]
     decode_steps: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// f32, or bf16 (CUDA only).
-    #[arg(long, default_value = "f32")]
-    precision: String,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let target = Target::parse(&args.device, &args.precision)?;
+    let target = args.device.target()?;
     if args.batch_size.contains(&0) || args.steps == 0 {
         bail!("--batch-size and --steps must be at least 1");
     }
@@ -171,8 +167,8 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
         emit(serde_json::json!({
             "bench": "train",
             "impl": "palm",
-            "device": args.device,
-            "precision": args.precision,
+            "device": args.device.device,
+            "precision": args.device.precision,
             "preset": args.preset,
             "batch": batch,
             "src_len": args.src_len,
@@ -227,8 +223,8 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
         emit(serde_json::json!({
             "bench": "decode",
             "impl": "palm",
-            "device": args.device,
-            "precision": args.precision,
+            "device": args.device.device,
+            "precision": args.device.precision,
             "preset": args.preset,
             "batch": batch,
             "beam": args.beam_size,

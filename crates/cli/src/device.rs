@@ -11,6 +11,24 @@ pub type Cpu = burn_ndarray::NdArray<f32>;
 #[cfg(feature = "cuda")]
 pub type Gpu = burn_cuda::Cuda<f32, i32>;
 
+/// `--device` and `--precision`, shared by every command that computes.
+#[derive(clap::Args)]
+pub struct DeviceArgs {
+    /// cpu, cuda or cuda:N (cuda needs a CUDA build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, or bf16 (CUDA only): weights, activations, gradients and optimizer state in bf16.
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+}
+
+impl DeviceArgs {
+    /// The parsed target.
+    pub fn target(&self) -> Result<Target> {
+        Target::parse(&self.device, &self.precision)
+    }
+}
+
 /// Where and in which float type a command computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {

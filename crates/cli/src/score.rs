@@ -8,7 +8,7 @@ use palm_data::reader::{Format, ReaderOptions, open};
 
 use burn::prelude::Backend;
 
-use crate::device::{Target, dispatch};
+use crate::device::{DeviceArgs, dispatch};
 use crate::model_dir::{load, pad_batch};
 
 #[derive(clap::Args)]
@@ -37,16 +37,12 @@ pub struct Args {
     /// Rows scored together.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// cpu, cuda or cuda:N (cuda needs a CUDA build).
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// f32, or bf16 (CUDA only).
-    #[arg(long, default_value = "f32")]
-    precision: String,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let target = Target::parse(&args.device, &args.precision)?;
+    let target = args.device.target()?;
     dispatch!(target, run_on(args))
 }
 

@@ -13,7 +13,7 @@ use palm_train::run::{ScoreRow, Start, resume_config, run};
 
 use burn::prelude::Backend;
 
-use crate::device::{Target, dispatch};
+use crate::device::{DeviceArgs, dispatch};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -26,12 +26,8 @@ pub struct Args {
     /// Run directory [default: runs/demo, or the next free runs/demo-N].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// cpu, cuda or cuda:N (cuda needs a CUDA build).
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// f32, or bf16 (CUDA only): weights, gradients and optimizer state in bf16.
-    #[arg(long, default_value = "f32")]
-    precision: String,
+    #[command(flatten)]
+    device: DeviceArgs,
     #[command(flatten)]
     set: Settings,
 }
@@ -312,7 +308,7 @@ fn configure(args: Args, pretrain: Option<PretrainConfig>) -> Result<(RunConfig,
 }
 
 pub fn run_cmd(args: Args) -> Result<()> {
-    let target = Target::parse(&args.device, &args.precision)?;
+    let target = args.device.target()?;
     let (c, start) = configure(args, None)?;
     eprintln!("run directory: {}", c.out.display());
     dispatch!(target, train_on(&c, start))
@@ -320,7 +316,7 @@ pub fn run_cmd(args: Args) -> Result<()> {
 
 /// `palm pretrain`.
 pub fn pretrain_cmd(args: PretrainArgs) -> Result<()> {
-    let target = Target::parse(&args.train.device, &args.train.precision)?;
+    let target = args.train.device.target()?;
     let mut p = PretrainConfig::default();
     if let Some(v) = args.mask_probability {
         p.mask_probability = v;

@@ -2,17 +2,13 @@
 //! into spans of whole sentences, each span split near 80% of its characters at a sentence end
 //! into a context (encoder input) and a continuation (decoder target). The encoder input is
 //! masked BERT-style for the masked-LM loss; the decoder learns the continuation with the
-//! label-smoothed loss; the objective is their weighted sum.
-
-use std::path::Path;
+//! label-smoothed loss; the objective is their weighted sum. Documents become pairs in
+//! `palm_data::documents` (read by `palm_data::reader` with `Format::Documents`); this module
+//! holds the objective's settings and the masking.
 
 use rand::RngExt;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
-
-pub use palm_data::documents::{document_pairs, sentences};
-
-use crate::{Error, Result};
 
 /// Settings of the pre-training objective (`[pretrain]` in `config.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,34 +36,6 @@ impl Default for PretrainConfig {
             text_field: "text".into(),
         }
     }
-}
-
-/// Documents of a raw text file (one per non-empty line) or a jsonl file (`field` of each row).
-pub fn read_documents(path: &Path, field: &str) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
-    let mut docs = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        if jsonl {
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Config {
-                path: path.to_path_buf(),
-                message: format!("line {}: {e}", n + 1),
-            })?;
-            let Some(t) = v.get(field).and_then(|t| t.as_str()) else {
-                return Err(Error::Config {
-                    path: path.to_path_buf(),
-                    message: format!("line {}: no string field `{field}`", n + 1),
-                });
-            };
-            docs.push(t.to_owned());
-        } else {
-            docs.push(line.to_owned());
-        }
-    }
-    Ok(docs)
 }
 
 /// The ids the masking treats specially.

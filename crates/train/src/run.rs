@@ -290,11 +290,15 @@ pub fn run<B: AutodiffBackend>(
                     // ids (valid).
                     return Ok(Vec::new());
                 }
-                let docs = crate::pretrain::read_documents(path, &p.text_field)?;
-                let pairs: Vec<_> = docs
-                    .iter()
-                    .flat_map(|d| crate::pretrain::document_pairs(d, p.split, max_chars))
-                    .collect();
+                let mut options = ReaderOptions::new(Format::Documents);
+                options.documents = palm_data::documents::DocumentOptions {
+                    split: p.split,
+                    max_chars,
+                    text_field: p.text_field.clone(),
+                };
+                let pairs: Vec<_> = open(path, &options)?
+                    .map(|e| e.map(|e| (e.src, e.tgt)))
+                    .collect::<std::result::Result<_, _>>()?;
                 if pairs.is_empty() {
                     return Err(Error::Config {
                         path: path.to_path_buf(),
@@ -436,19 +440,21 @@ pub fn run<B: AutodiffBackend>(
     let schedule = Schedule::new(config.schedule, config.lr, config.warmup, total_steps);
     let tokenizer = Arc::new(tokenizer);
     let outcome = Arc::new(Mutex::new(None));
+    // Validation and test rows are decoded alike.
+    let beam = BeamConfig {
+        beam_size: config.beam_size,
+        alpha: model_config.palm.alpha,
+        min_length: 1,
+        max_length: config.max_tgt_len,
+        bos: special.cls,
+        eos: special.sep,
+    };
     let strategy = PalmStrategy::<B> {
         config: config.clone(),
         train,
         valid: Arc::new(valid.clone()),
         tokenizer: tokenizer.clone(),
-        beam: BeamConfig {
-            beam_size: config.beam_size,
-            alpha: model_config.palm.alpha,
-            min_length: 1,
-            max_length: config.max_tgt_len,
-            bos: special.cls,
-            eos: special.sep,
-        },
+        beam,
         pad,
         mask,
         start: state,
@@ -525,14 +531,6 @@ pub fn run<B: AutodiffBackend>(
         let refs: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
         let srcs: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
         let ids = tokenizer.encode_batch(&srcs, max_src);
-        let beam = BeamConfig {
-            beam_size: config.beam_size,
-            alpha: model_config.palm.alpha,
-            min_length: 1,
-            max_length: config.max_tgt_len,
-            bos: special.cls,
-            eos: special.sep,
-        };
         let mut preds = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(32) {
             let rows: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
