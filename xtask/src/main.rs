@@ -5,8 +5,13 @@
 mod bench;
 mod corpus;
 mod demo;
+mod download;
 mod layering;
+mod manifest;
+mod reproduce;
+mod smoke;
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -19,6 +24,10 @@ commands:
   corpus --rows N --out F  write a synthetic Chinese jsonl corpus (src/tgt) of N rows
          [--format jsonl|lcsts] [--vocab V]   (and a character vocab.txt for it)
   demo-data                regenerate datasets/demo (the embedded data-to-text demo set)
+  smoke-data               regenerate datasets/smoke (miniatures of LCSTS/ADGEN/DuReader-QG)
+  download NAME [--dir D]  fetch and verify a datasets/manifest.toml entry into D/NAME (D: data)
+  reproduce NAME [--smoke] download, prepare, fine-tune, generate and eval lcsts, adgen or
+                           dureader-qg; the scores next to the model card's (--help: options)
   bench prepare [--rows N] palm prepare on a generated corpus: rows/s and peak RSS, next to
                            the tokenizers crate's batch-encode rate on the same rows";
 
@@ -34,6 +43,13 @@ fn main() -> Result<()> {
         "layering" => layering::check(),
         "corpus" => corpus::run(rest),
         "demo-data" => demo::run(rest),
+        "smoke-data" => smoke::run(rest),
+        "download" => download::run(rest),
+        "reproduce" if rest.iter().any(|a| a == "--help") => {
+            println!("{}", reproduce::USAGE);
+            Ok(())
+        }
+        "reproduce" => reproduce::run(rest),
         "bench" => bench::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
@@ -56,6 +72,12 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The workspace root.
+pub(crate) fn root() -> PathBuf {
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    here.canonicalize().unwrap_or(here)
+}
+
 pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
@@ -71,7 +93,11 @@ fn ci() -> Result<()> {
         "warnings",
     ]))?;
     run(cargo().args(["test", "--workspace"]))?;
-    layering::check()
+    layering::check()?;
+    for dataset in ["adgen", "lcsts", "dureader-qg"] {
+        reproduce::run(&[dataset.into(), "--smoke".into()])?;
+    }
+    Ok(())
 }
 
 /// Value of `--name` in `args`, if given.

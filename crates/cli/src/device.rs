@@ -72,6 +72,47 @@ impl Target {
     }
 }
 
+/// Where compiled CUDA kernels and autotune results are kept: `PALM_KERNEL_CACHE`, else
+/// `$XDG_CACHE_HOME/palm/cubecl`, else `$HOME/.cache/palm/cubecl`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn kernel_cache_dir(
+    var: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Option<std::path::PathBuf> {
+    let var = |name: &str| {
+        var(name)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    var("PALM_KERNEL_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("palm/cubecl")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache/palm/cubecl")))
+}
+
+/// CubeCL compiles every CUDA kernel at run time and autotunes matmuls and reductions per
+/// shape: minutes for a whole model (260 s before the first PALM-base training step on an
+/// H200). Its caches for both are off or tied to a Cargo project by default; this keeps them
+/// in [`kernel_cache_dir`], so only the first run on a machine pays (the second started
+/// training in 2 s). A `cubecl.toml` in the working directory or above still decides where its
+/// own settings say; `CUBECL_*` variables apply as usual. Call before the first CUDA device.
+#[cfg(feature = "cuda")]
+pub fn keep_kernels() {
+    use burn_cubecl::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig, cache::CacheConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Some(dir) = kernel_cache_dir(|k| std::env::var_os(k)) else {
+            return;
+        };
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        if config.compilation.cache.is_none() {
+            config.compilation.cache = Some(CacheConfig::File(dir.clone()));
+        }
+        if matches!(config.autotune.cache, CacheConfig::Target) {
+            config.autotune.cache = CacheConfig::File(dir);
+        }
+        CubeClRuntimeConfig::set(config);
+    });
+}
+
 /// Calls `$f::<B>(&device, args…)` with the backend `B` of `$target`.
 macro_rules! dispatch {
     ($target:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
@@ -81,6 +122,7 @@ macro_rules! dispatch {
             }
             #[cfg(feature = "cuda")]
             $crate::device::Target::Cuda { index, bf16 } => {
+                $crate::device::keep_kernels();
                 let device = burn_cuda::CudaDevice::new(index);
                 if bf16 {
                     burn::tensor::set_default_dtypes::<$crate::device::Gpu>(
@@ -102,6 +144,31 @@ pub(crate) use dispatch;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_cache_follows_the_environment() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        let dir = |vars| kernel_cache_dir(env(vars)).map(|p| p.display().to_string());
+        assert_eq!(
+            dir(&[("PALM_KERNEL_CACHE", "/k"), ("HOME", "/h")]).as_deref(),
+            Some("/k")
+        );
+        assert_eq!(
+            dir(&[("XDG_CACHE_HOME", "/x"), ("HOME", "/h")]).as_deref(),
+            Some("/x/palm/cubecl")
+        );
+        assert_eq!(
+            dir(&[("PALM_KERNEL_CACHE", ""), ("HOME", "/h")]).as_deref(),
+            Some("/h/.cache/palm/cubecl")
+        );
+        assert_eq!(dir(&[]), None);
+    }
 
     #[test]
     fn parses_devices_and_precisions() {

@@ -17,7 +17,7 @@ pub struct Args {
     /// Model directory (ModelScope or written by palm).
     #[arg(long)]
     model: PathBuf,
-    /// Input jsonl with one source per row.
+    /// Input: jsonl with one source per row, or a `palm prepare` directory.
     #[arg(long, conflicts_with = "text", required_unless_present = "text")]
     input: Option<PathBuf>,
     /// A single source text; the prediction is printed.
@@ -29,6 +29,9 @@ pub struct Args {
     /// Field of the source text in the input rows.
     #[arg(long, default_value = "src")]
     src_field: String,
+    /// Field of the reference target, copied to the output as "tgt" when present [default: tgt].
+    #[arg(long)]
+    tgt_field: Option<String>,
     /// Beams (1 = greedy); default from the model's config.
     #[arg(long)]
     beam_size: Option<usize>,
@@ -60,18 +63,23 @@ fn run_on<B: Backend>(device: &B::Device, args: Args) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let texts: Vec<String> = match (&args.text, &args.input) {
-        (Some(t), _) => vec![t.clone()],
+    // Targets ride along to the output when the input has them (`palm eval` reads them there).
+    let (texts, targets): (Vec<String>, Vec<String>) = match (&args.text, &args.input) {
+        (Some(t), _) => (vec![t.clone()], vec![String::new()]),
         (None, Some(path)) => {
             let mut o = ReaderOptions::new(Format::Jsonl);
             o.src_field = Some(args.src_field.clone());
+            o.tgt_field = args.tgt_field.clone();
             o.allow_missing_target = true;
             open(path, &o)?
-                .map(|r| r.map(|e| e.src))
-                .collect::<Result<_, _>>()?
+                .map(|r| r.map(|e| (e.src, e.tgt)))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .unzip()
         }
         (None, None) => unreachable!("clap requires one of them"),
     };
+    let with_targets = targets.iter().any(|t| !t.is_empty());
     let loaded = load::<B>(&args.model, device)?;
     let p = &loaded.config.palm;
     let special = loaded.tokenizer.special_ids();
@@ -104,8 +112,12 @@ fn run_on<B: Backend>(device: &B::Device, args: Args) -> Result<()> {
         return Ok(());
     }
     let mut out = Vec::new();
-    for (src, pred) in texts.iter().zip(&preds) {
-        serde_json::to_writer(&mut out, &serde_json::json!({"src": src, "pred": pred}))?;
+    for ((src, pred), tgt) in texts.iter().zip(&preds).zip(&targets) {
+        let row = match with_targets {
+            true => serde_json::json!({"src": src, "pred": pred, "tgt": tgt}),
+            false => serde_json::json!({"src": src, "pred": pred}),
+        };
+        serde_json::to_writer(&mut out, &row)?;
         out.push(b'\n');
     }
     let secs = start.elapsed().as_secs_f64();

@@ -117,6 +117,10 @@ struct Settings {
     /// Shuffle-buffer rows when --train is a `palm prepare` shard directory (streamed).
     #[arg(long)]
     shuffle_buffer: Option<usize>,
+    /// Pad batches to a multiple of this many tokens (fewer shapes for CUDA's per-shape
+    /// kernels; 1: to the longest row).
+    #[arg(long)]
+    pad_multiple: Option<usize>,
 }
 
 /// `palm pretrain`: the training flags plus the objective's.
@@ -181,6 +185,7 @@ impl Settings {
             || s.early_stopping.is_some()
             || s.vocab.is_some()
             || s.shuffle_buffer.is_some()
+            || s.pad_multiple.is_some()
     }
 
     fn apply(self, c: &mut RunConfig) {
@@ -236,6 +241,7 @@ impl Settings {
             c.vocab = self.vocab;
         }
         set(&mut c.shuffle_buffer, self.shuffle_buffer);
+        set(&mut c.pad_multiple, self.pad_multiple);
     }
 }
 

@@ -369,6 +369,14 @@ fn generate_matches_the_reference_text_at_batch_1_and_16() {
             })
             .collect();
         assert_eq!(preds.len(), 64);
+        // The input's targets ride along, for `palm eval --ref` on the same file.
+        let inputs = std::fs::read_to_string(&input).unwrap();
+        let outputs = std::fs::read_to_string(&out).unwrap();
+        for (i, o) in inputs.lines().zip(outputs.lines()) {
+            let i: serde_json::Value = serde_json::from_str(i).unwrap();
+            let o: serde_json::Value = serde_json::from_str(o).unwrap();
+            assert_eq!((&o["src"], &o["tgt"]), (&i["src"], &i["tgt"]));
+        }
         let same = preds.iter().zip(&expected).filter(|(p, e)| p == e).count();
         assert!(
             same >= 63,

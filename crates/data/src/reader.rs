@@ -150,8 +150,12 @@ pub fn open(
     Ok(open_input(path, options)?.examples)
 }
 
-/// Opens `path` with progress information.
+/// Opens `path` with progress information. A directory written by `palm prepare` (it holds
+/// `meta.json`) reads as its rows' original texts, shard by shard, whatever the format.
 pub fn open_input(path: &Path, options: &ReaderOptions) -> Result<Input> {
+    if path.is_dir() && path.join("meta.json").is_file() {
+        return prepared_texts(path);
+    }
     let format = match options.format {
         Format::Auto => detect(path)?,
         f => f,
@@ -199,6 +203,46 @@ pub fn open_input(path: &Path, options: &ReaderOptions) -> Result<Input> {
         bytes_read,
         total_bytes,
         format,
+    })
+}
+
+/// The texts of a prepared shard directory, one shard in memory at a time.
+fn prepared_texts(dir: &Path) -> Result<Input> {
+    let files = crate::shards::shard_files(dir)?;
+    let total_bytes = files
+        .iter()
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let bytes_read = BytesRead::default();
+    let counter = bytes_read.clone();
+    let examples = files
+        .into_iter()
+        .flat_map(move |file| {
+            let rows: Vec<Result<(String, String)>> = match crate::shards::read_shard(&file) {
+                Ok(rows) => rows
+                    .into_iter()
+                    .map(|r| Ok((r.src_text, r.tgt_text)))
+                    .collect(),
+                Err(e) => vec![Err(e)],
+            };
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            counter.0.fetch_add(size, Ordering::Relaxed);
+            rows
+        })
+        .enumerate()
+        .map(|(i, row)| {
+            row.map(|(src, tgt)| Example {
+                src,
+                tgt,
+                line: i as u64 + 1,
+            })
+        });
+    Ok(Input {
+        examples: Box::new(examples),
+        bytes_read,
+        total_bytes,
+        format: Format::Parquet,
     })
 }
 

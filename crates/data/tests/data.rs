@@ -210,6 +210,14 @@ fn prepare_writes_readable_shards_with_the_tokenizer_ids() {
     }
     assert!(report.truncated_src > 0);
     assert_eq!(report.max_src_len, 8);
+    // The prepared directory opens again as its original texts, in order, across shards.
+    for format in [Format::Auto, Format::Jsonl] {
+        let again = read(&out, format);
+        assert_eq!(again.len(), 50);
+        for (i, (a, b)) in again.iter().zip(&originals).enumerate() {
+            assert_eq!((&a.src, &a.tgt, a.line), (&b.src, &b.tgt, i as u64 + 1));
+        }
+    }
 }
 
 fn leftovers(dir: &Path) -> Vec<String> {

@@ -26,6 +26,33 @@
 use burn::prelude::*;
 use palm_model::Palm;
 
+/// The `k` largest entries of each row of `x`, best first (the lowest index first among
+/// equal values), as row-major `[rows, k]` values and column indices. `k` rounds of a row-wise
+/// arg-max, each masking its pick: a reduction per beam stays on the device, where a sort
+/// would not (burn-cubecl has no device sort; `topk` reads the whole `[items, k × vocab]`
+/// tensor back, sorts it on the host and uploads it again, at every step). One read at the end.
+pub fn top_k<B: Backend>(x: Tensor<B, 2>, k: usize) -> (Vec<f32>, Vec<i64>) {
+    let [rows, cols] = x.dims();
+    let device = x.device();
+    let positions = Tensor::<B, 1, Int>::arange(0..cols as i64, &device)
+        .unsqueeze::<2>()
+        .expand([rows, cols]);
+    let mut x = x;
+    let (mut values, mut indices) = (Vec::with_capacity(k), Vec::with_capacity(k));
+    for j in 0..k {
+        let (v, i) = x.clone().max_dim_with_indices(1);
+        if j + 1 < k {
+            let picked = positions.clone().equal(i.clone().expand([rows, cols]));
+            x = x.mask_fill(picked, f32::NEG_INFINITY);
+        }
+        values.push(v);
+        indices.push(i);
+    }
+    let values = Tensor::cat(values, 1).into_data().iter::<f32>().collect();
+    let indices = Tensor::cat(indices, 1).into_data().iter::<i64>().collect();
+    (values, indices)
+}
+
 /// Search settings; the reference's defaults are those of `PalmConfig`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BeamConfig {
@@ -99,9 +126,7 @@ pub fn beam_search<B: Backend>(
         let penalty = length_penalty(step, config.alpha);
         let run = Tensor::<B, 1>::from_data(TensorData::new(running.clone(), [rows]), &device);
         let curr = (lp + run.unsqueeze_dim::<2>(1)).div_scalar(penalty);
-        let (scores, ids) = curr.reshape([items, k * vocab]).topk_with_indices(k, 1);
-        let scores: Vec<f32> = scores.into_data().iter::<f32>().collect();
-        let ids: Vec<i64> = ids.into_data().iter::<i64>().collect();
+        let (scores, ids) = top_k(curr.reshape([items, k * vocab]), k);
 
         let mut new_alive = Vec::with_capacity(rows);
         let mut origins = Vec::with_capacity(rows);

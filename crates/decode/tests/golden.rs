@@ -127,3 +127,28 @@ fn min_and_max_length_bound_the_output() {
     c.max_length = 2;
     assert!(beam_search(&model, src, &c)[0].tokens.len() <= 2);
 }
+
+#[test]
+fn top_k_agrees_with_a_full_sort_ties_included() {
+    let device = burn_ndarray::NdArrayDevice::Cpu;
+    let (rows, cols, k) = (4, 50, 5);
+    let mut data: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 37 % 23) as f32 / 4.0).floor())
+        .collect();
+    data[3] = f32::NEG_INFINITY;
+    data[cols + 7] = f32::NEG_INFINITY;
+    let x = Tensor::<burn_ndarray::NdArray<f32>, 2>::from_data(
+        TensorData::new(data.clone(), [rows, cols]),
+        &device,
+    );
+    let (values, indices) = palm_decode::top_k(x, k);
+    for r in 0..rows {
+        let row = &data[r * cols..(r + 1) * cols];
+        let mut order: Vec<usize> = (0..cols).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for j in 0..k {
+            assert_eq!(indices[r * k + j] as usize, order[j], "row {r}, rank {j}");
+            assert_eq!(values[r * k + j], row[order[j]]);
+        }
+    }
+}

@@ -125,6 +125,10 @@ pub struct RunConfig {
     pub vocab: Option<PathBuf>,
     /// Shuffle-buffer rows when `train` is a prepared shard directory (streamed).
     pub shuffle_buffer: usize,
+    /// Batches are padded to a multiple of this many tokens (source and decoder input): fewer
+    /// distinct shapes for backends that compile and tune kernels per shape (CUDA); 1 pads to
+    /// the longest row only.
+    pub pad_multiple: usize,
     /// Pre-train on raw documents (`train`/`valid` are text or jsonl documents) with PALM's
     /// objective instead of fine-tuning on pairs.
     pub pretrain: Option<crate::pretrain::PretrainConfig>,
@@ -164,6 +168,7 @@ impl Default for RunConfig {
             min_delta: 0.0,
             vocab: None,
             shuffle_buffer: 100_000,
+            pad_multiple: 8,
             pretrain: None,
         }
     }
@@ -222,6 +227,7 @@ impl RunConfig {
             ("grad_accumulation", self.grad_accumulation),
             ("max_src_len", self.max_src_len),
             ("beam_size", self.beam_size),
+            ("pad_multiple", self.pad_multiple),
         ];
         for (key, value) in positive {
             if value == 0 {

@@ -511,7 +511,10 @@ impl<B: AutodiffBackend> PalmStrategy<B> {
         seed: u64,
         device: &BB::Device,
     ) -> crate::batch::PalmBatch<BB> {
-        let batcher = PalmBatcher::new(self.pad);
+        let batcher = PalmBatcher {
+            pad: self.pad,
+            multiple: self.config.pad_multiple,
+        };
         let (Some(mask), Some(p)) = (self.mask, &self.config.pretrain) else {
             return batcher.batch(items, device);
         };

@@ -135,10 +135,9 @@ pub fn valid_loss<B: Backend>(
     model: &PalmTraining<B>,
     pairs: &[Pair],
     batch_size: usize,
-    pad: u32,
+    batcher: PalmBatcher,
 ) -> f64 {
     let device = model.palm.devices().first().cloned().unwrap_or_default();
-    let batcher = PalmBatcher::new(pad);
     let (mut sum, mut tokens) = (0.0f64, 0.0f64);
     for chunk in pairs.chunks(batch_size.max(1)) {
         let batch =
@@ -399,6 +398,10 @@ pub fn run<B: AutodiffBackend>(
     };
     let special = tokenizer.special_ids();
     let pad = special.pad;
+    let batcher = PalmBatcher {
+        pad,
+        multiple: config.pad_multiple,
+    };
     let accumulation = config.grad_accumulation.max(1);
     let mut model = PalmTraining::new(palm, model_config.palm.label_smoothing)
         .with_grad_scale(1.0 / accumulation as f64);
@@ -427,7 +430,12 @@ pub fn run<B: AutodiffBackend>(
         Some((step, state)) => (Some(step), state),
         None => (
             None,
-            TrainState::start(valid_loss(&model.valid(), &valid, config.batch_size, pad)),
+            TrainState::start(valid_loss(
+                &model.valid(),
+                &valid,
+                config.batch_size,
+                batcher,
+            )),
         ),
     };
     let batches_per_epoch = train.rows().div_ceil(config.batch_size);
@@ -463,7 +471,6 @@ pub fn run<B: AutodiffBackend>(
     };
     // burn-train wants loaders; the strategy batches the data itself (its order must be a
     // function of the epoch for an exact resume).
-    let batcher = PalmBatcher::new(pad);
     let no_train = DataLoaderBuilder::new(batcher).build(InMemDataset::new(Vec::<Pair>::new()));
     let no_valid = DataLoaderBuilder::new(batcher).build(InMemDataset::new(Vec::<Pair>::new()));
     let interrupter = Interrupter::new();
@@ -508,7 +515,7 @@ pub fn run<B: AutodiffBackend>(
         .take()
         .expect("the strategy reports an outcome")?;
     let trained = result.model;
-    let valid_loss_after = valid_loss(&trained, &valid, config.batch_size, pad);
+    let valid_loss_after = valid_loss(&trained, &valid, config.batch_size, batcher);
     let trained: Palm<B::InnerBackend> = trained.palm;
 
     let model_dir = out.join("model");

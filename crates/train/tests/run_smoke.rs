@@ -131,7 +131,12 @@ fn a_diverging_run_stops_with_a_clear_error_and_its_last_checkpoint_loads() {
         tgt: tok.encode("白色的上衣", 32),
     }];
     let model = palm_train::model::PalmTraining::new(palm, 0.1);
-    let loss = palm_train::run::valid_loss(&model, &pairs, 1, tok.special_ids().pad);
+    let loss = palm_train::run::valid_loss(
+        &model,
+        &pairs,
+        1,
+        palm_train::batch::PalmBatcher::new(tok.special_ids().pad),
+    );
     assert!(loss.is_finite() && loss > 0.0, "{loss}");
 }
 
