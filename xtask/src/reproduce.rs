@@ -157,6 +157,11 @@ impl Chain<'_> {
                 .arg(&out)
                 .args(["--max-src-len", &recipe.max_src_len.to_string()])
                 .args(["--max-tgt-len", &recipe.max_tgt_len.to_string()]);
+            // Published files come in their own order (LCSTS Part I by source); training
+            // streams shards through a buffer, so the training rows are shuffled once here.
+            if split == "train" {
+                cmd.args(["--shuffle-seed", "1"]);
+            }
             if let Some(label) = splits.lcsts_min_label.get(split) {
                 cmd.args(["--lcsts-min-label", &label.to_string()]);
             }

@@ -49,6 +49,10 @@ pub struct Args {
     /// Documents: context share of each span (split at the preceding sentence end).
     #[arg(long, default_value_t = 0.8)]
     split: f64,
+    /// Write the rows in a random order fixed by this seed (an external shuffle in bounded
+    /// memory) instead of the input order.
+    #[arg(long)]
+    shuffle_seed: Option<u64>,
     /// Documents: characters per span at most.
     #[arg(long, default_value_t = 256)]
     max_chars: usize,
@@ -76,6 +80,7 @@ pub fn run(args: Args) -> Result<()> {
         max_tgt_len: args.max_tgt_len,
         shard_rows: args.shard_rows,
         skip_invalid: args.skip_invalid,
+        shuffle_seed: args.shuffle_seed,
         ..PrepareOptions::default()
     };
     let bar = ProgressBar::with_draw_target(Some(input.total_bytes), ProgressDrawTarget::stderr());

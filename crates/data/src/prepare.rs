@@ -4,6 +4,11 @@
 //! chunks, and a shard is closed every `shard_rows` rows. Nothing appears at the output path
 //! until the whole input has been read without error: shards are written into a temporary
 //! directory beside it, which is renamed at the end (and removed on failure).
+//!
+//! With a shuffle seed the rows come out in a uniformly random order fixed by the seed, still in
+//! bounded memory (an external shuffle): each tokenized row goes to one of [`SHUFFLE_BUCKETS`]
+//! temporary bucket files drawn at random, then each bucket is read back, shuffled in memory
+//! and appended to the shards. Memory holds one bucket (about rows / 64) at the end.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -16,6 +21,9 @@ use palm_tokenizer::PalmTokenizer;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Example, Result};
@@ -35,7 +43,12 @@ pub struct PrepareOptions {
     pub skip_invalid: bool,
     /// Allow an empty target (inference-only data).
     pub allow_empty_target: bool,
+    /// Write the rows in a random order fixed by this seed instead of the input order.
+    pub shuffle_seed: Option<u64>,
 }
+
+/// Temporary buckets of the external shuffle.
+pub const SHUFFLE_BUCKETS: usize = 64;
 
 impl Default for PrepareOptions {
     fn default() -> Self {
@@ -46,6 +59,7 @@ impl Default for PrepareOptions {
             chunk_rows: 8192,
             skip_invalid: false,
             allow_empty_target: false,
+            shuffle_seed: None,
         }
     }
 }
@@ -107,9 +121,21 @@ struct ShardWriter {
     rows_in_shard: usize,
     shard_rows: usize,
     names: Vec<String>,
+    row_group: usize,
 }
 
 impl ShardWriter {
+    fn new(dir: PathBuf, shard_rows: usize, row_group: usize) -> Self {
+        ShardWriter {
+            dir,
+            writer: None,
+            rows_in_shard: 0,
+            shard_rows: shard_rows.max(1),
+            names: Vec::new(),
+            row_group,
+        }
+    }
+
     /// Writes a batch, splitting it so that every shard but the last has exactly
     /// `shard_rows` rows.
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
@@ -126,10 +152,11 @@ impl ShardWriter {
         if self.writer.is_none() {
             let name = format!("part-{:05}.parquet", self.names.len());
             let path = self.dir.join(&name);
+            std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
             let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
             let props = WriterProperties::builder()
                 .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
-                .set_max_row_group_size(65_536)
+                .set_max_row_group_size(self.row_group)
                 .build();
             let w = ArrowWriter::try_new(file, schema(), Some(props))
                 .map_err(|e| Error::file(&path, e))?;
@@ -200,13 +227,14 @@ pub fn prepare(
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut guard = TempDir(Some(tmp.clone()));
 
-    let mut writer = ShardWriter {
-        dir: tmp.clone(),
-        writer: None,
-        rows_in_shard: 0,
-        shard_rows: options.shard_rows.max(1),
-        names: Vec::new(),
-    };
+    let mut writer = ShardWriter::new(tmp.clone(), options.shard_rows, 65_536);
+    // The shuffle's buckets: small row groups, so 64 open writers buffer little.
+    let mut shuffle = options.shuffle_seed.map(|seed| {
+        let buckets = (0..SHUFFLE_BUCKETS)
+            .map(|k| ShardWriter::new(tmp.join(format!(".bucket-{k:02}")), usize::MAX, 2048))
+            .collect::<Vec<_>>();
+        (buckets, StdRng::seed_from_u64(seed))
+    });
     let mut report = PrepareReport {
         vocab_size: tokenizer.vocab_size(),
         ..PrepareReport::default()
@@ -236,18 +264,7 @@ pub fn prepare(
         let tgts: Vec<&str> = chunk.iter().map(|e| e.tgt.as_str()).collect();
         let src_ids = tokenizer.encode_batch_untruncated(&srcs);
         let tgt_ids = tokenizer.encode_batch_untruncated(&tgts);
-        let mut src_b = ListBuilder::new(UInt32Builder::new()).with_field(Arc::new(Field::new(
-            "item",
-            DataType::UInt32,
-            false,
-        )));
-        let mut tgt_b = ListBuilder::new(UInt32Builder::new()).with_field(Arc::new(Field::new(
-            "item",
-            DataType::UInt32,
-            false,
-        )));
-        let mut src_t = StringBuilder::new();
-        let mut tgt_t = StringBuilder::new();
+        let mut rows = Vec::with_capacity(chunk.len());
         for ((ex, s), t) in chunk.iter().zip(src_ids).zip(tgt_ids) {
             let s = frame(tokenizer, s, options.max_src_len, &mut report.truncated_src);
             let t = frame(tokenizer, t, options.max_tgt_len, &mut report.truncated_tgt);
@@ -255,27 +272,52 @@ pub fn prepare(
             tgt_total += t.len() as u64;
             report.max_src_len = report.max_src_len.max(s.len());
             report.max_tgt_len = report.max_tgt_len.max(t.len());
-            src_b.values().append_slice(&s);
-            src_b.append(true);
-            tgt_b.values().append_slice(&t);
-            tgt_b.append(true);
-            src_t.append_value(&ex.src);
-            tgt_t.append_value(&ex.tgt);
+            rows.push((s, t, ex.src.as_str(), ex.tgt.as_str()));
         }
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(src_b.finish()),
-            Arc::new(tgt_b.finish()),
-            Arc::new(src_t.finish()),
-            Arc::new(tgt_t.finish()),
-        ];
-        let batch = RecordBatch::try_new(schema(), columns)
-            .map_err(|e| Error::file(&tmp, format!("internal: {e}")))?;
-        writer.write(&batch)?;
+        match &mut shuffle {
+            None => writer.write(&record_batch(&rows, &tmp)?)?,
+            Some((buckets, rng)) => {
+                let mut parts: Vec<Vec<_>> = vec![Vec::new(); buckets.len()];
+                for row in rows {
+                    parts[rng.random_range(0..buckets.len())].push(row);
+                }
+                for (bucket, part) in buckets.iter_mut().zip(&parts) {
+                    if !part.is_empty() {
+                        bucket.write(&record_batch(part, &tmp)?)?;
+                    }
+                }
+            }
+        }
         report.rows += chunk.len() as u64;
         progress(Progress {
             rows: report.rows,
             skipped: report.skipped,
         });
+    }
+    if let Some((mut buckets, mut rng)) = shuffle {
+        for bucket in &mut buckets {
+            bucket.close()?;
+            let Some(name) = bucket.names.first() else {
+                continue;
+            };
+            let mut rows = crate::shards::read_shard(&bucket.dir.join(name))?;
+            rows.shuffle(&mut rng);
+            for part in rows.chunks(options.chunk_rows.max(1)) {
+                let part: Vec<_> = part
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.src_ids.clone(),
+                            r.tgt_ids.clone(),
+                            r.src_text.as_str(),
+                            r.tgt_text.as_str(),
+                        )
+                    })
+                    .collect();
+                writer.write(&record_batch(&part, &tmp)?)?;
+            }
+            std::fs::remove_dir_all(&bucket.dir).map_err(|e| Error::io(&bucket.dir, e))?;
+        }
     }
     writer.close()?;
     report.shards = writer.names.clone();
@@ -289,6 +331,34 @@ pub fn prepare(
     std::fs::rename(&tmp, output).map_err(|e| Error::io(output, e))?;
     guard.0 = None;
     Ok(report)
+}
+
+/// One record batch of framed rows: (source ids, target ids, source text, target text).
+fn record_batch(rows: &[(Vec<u32>, Vec<u32>, &str, &str)], dir: &Path) -> Result<RecordBatch> {
+    let ids = || {
+        ListBuilder::new(UInt32Builder::new()).with_field(Arc::new(Field::new(
+            "item",
+            DataType::UInt32,
+            false,
+        )))
+    };
+    let (mut src_b, mut tgt_b) = (ids(), ids());
+    let (mut src_t, mut tgt_t) = (StringBuilder::new(), StringBuilder::new());
+    for (s, t, src, tgt) in rows {
+        src_b.values().append_slice(s);
+        src_b.append(true);
+        tgt_b.values().append_slice(t);
+        tgt_b.append(true);
+        src_t.append_value(src);
+        tgt_t.append_value(tgt);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(src_b.finish()),
+        Arc::new(tgt_b.finish()),
+        Arc::new(src_t.finish()),
+        Arc::new(tgt_t.finish()),
+    ];
+    RecordBatch::try_new(schema(), columns).map_err(|e| Error::file(dir, format!("internal: {e}")))
 }
 
 fn validate(ex: Example, input: &Path, options: &PrepareOptions) -> Result<Example> {

@@ -413,3 +413,52 @@ fn a_stream_through_a_small_shuffle_buffer_sees_every_row_once_in_a_seeded_order
     let first_shard: std::collections::HashSet<&String> = in_file_order[..64].iter().collect();
     assert!(a[..64].iter().filter(|r| first_shard.contains(r)).count() < 64);
 }
+
+#[test]
+fn prepare_can_shuffle_in_an_order_fixed_by_the_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = jsonl_corpus(dir.path(), 300);
+    let tok = tokenizer();
+    let run = |name: &str, seed: Option<u64>| {
+        let out = dir.path().join(name);
+        let options = PrepareOptions {
+            shard_rows: 64,
+            chunk_rows: 50,
+            shuffle_seed: seed,
+            ..PrepareOptions::default()
+        };
+        let examples = open(&input, &ReaderOptions::new(Format::Auto)).unwrap();
+        let report = prepare(examples, &input, &tok, &out, &options, |_| {}).unwrap();
+        let files: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files.len(), report.shards.len() + 1, "{files:?}");
+        (report, shards::read_all(&out).unwrap())
+    };
+    let (plain_report, plain) = run("plain", None);
+    let (report, a) = run("a", Some(7));
+    let (_, b) = run("b", Some(7));
+    let (_, c) = run("c", Some(8));
+    assert_eq!(report.shards.len(), 5);
+    assert_eq!(
+        (report.rows, report.mean_src_len, report.max_tgt_len),
+        (
+            plain_report.rows,
+            plain_report.mean_src_len,
+            plain_report.max_tgt_len
+        )
+    );
+    assert_eq!(a, b, "the same seed gives the same order");
+    assert_ne!(a, c, "another seed gives another order");
+    assert_ne!(a, plain, "shuffled");
+    let key = |rows: &[shards::Row]| {
+        let mut k: Vec<_> = rows.iter().map(|r| r.src_text.clone()).collect();
+        k.sort();
+        k
+    };
+    assert_eq!(key(&a), key(&plain), "every row exactly once");
+    // Not a rotation or a few swaps: most rows move.
+    let moved = a.iter().zip(&plain).filter(|(x, y)| x != y).count();
+    assert!(moved > 250, "only {moved} of 300 rows moved");
+}
