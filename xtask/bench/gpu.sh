@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU benchmark and checks, in one command on the GPU machine (see docs/benchmarks.md).
-# Expects the CUDA build of palm at $PALM (default .devcarry/palm). Writes to $OUT:
+# Expects the CUDA build of palm at $PALM (default .devcarry/palm, or .devcarry/palm.gz as
+# `cargo xtask bench gpu` leaves it). Writes to $OUT:
 # results.jsonl (one JSON object per measurement or check), logs.txt, demo_gpu_summary.json.
-# Part: all | checks | palm | torch.
+# Part: all | checks | palm | torch | probe (cold start vs a warm kernel cache).
 set -uo pipefail
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 PALM=${PALM:-.devcarry/palm}
+[[ ! -x $PALM && -f $PALM.gz ]] && gunzip -kf "$PALM.gz"
 OUT=${OUT:-/tmp/palm-bench}
 W=$(mktemp -d)
 PART=${1:-all}

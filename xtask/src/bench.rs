@@ -73,11 +73,15 @@ fn gpu(args: &[String]) -> Result<()> {
         std::fs::copy(target_dir()?.join("release/palm"), carry.join("palm"))
             .context("copying the CUDA binary into .devcarry")?;
         crate::run(Command::new("strip").arg(carry.join("palm")))?;
+        // Gzipped, the binary (16 MB) and a kernel cache fit the device tool's 64 MiB carry.
+        crate::run(Command::new("gzip").arg("-f").arg(carry.join("palm")))?;
     }
     println!(
         "On the GPU machine (device tool, carry [\".devcarry\"]), from the repository root:\n\n  \
          REV={} bash xtask/bench/gpu.sh all\n\nParts: checks (CUDA vs CPU, demo fine-tune), \
-         palm, torch. Results: $OUT/results.jsonl.",
+         palm, torch, probe (cold start). Results: $OUT/results.jsonl. Copy \
+         $OUT/cubecl-cache.tgz to .devcarry/ so that the next run starts with the compiled \
+         and tuned kernels.",
         git_rev()
     );
     Ok(())
