@@ -3,7 +3,8 @@
 # Expects the CUDA build of palm at $PALM (default .devcarry/palm, or .devcarry/palm.gz as
 # `cargo xtask bench gpu` leaves it). Writes to $OUT:
 # results.jsonl (one JSON object per measurement or check), logs.txt, demo_gpu_summary.json.
-# Part: all | checks | palm | torch | probe (cold start vs a warm kernel cache).
+# Part: all | checks | palm | torch | probe (cold start vs a warm kernel cache) | profile
+# (device time per kernel).
 set -uo pipefail
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 PALM=${PALM:-.devcarry/palm}
@@ -44,6 +45,34 @@ if [[ $PART == probe ]]; then
         peak timeout ${PROBE_TIMEOUT:-300} $PALM bench train --device cuda --precision ${PREC:-f32} \
             --batch-size ${B:-8} --steps 5 --warmup-steps 3 >> "$R" 2>> "$L"
         echo "{\"probe_run\": $run, \"seconds\": $(( $(date +%s) - start ))}" >> "$R"
+    done
+fi
+if [[ $PART == profile ]]; then
+    # Per-kernel device time of a training step (batch ${B:-256}) and of a beam search (batch
+    # 64), from CubeCL's profiling log (every kernel timed, so slower than a normal run), summed
+    # by kernel into $OUT/profile_{train,decode}.txt.
+    for what in train decode; do
+        case $what in
+            train) args="--batch-size ${B:-256} --steps 2 --warmup-steps 2" ;;
+            decode) args="--batch-size 64 --steps 1 --warmup-steps 1" ;;
+        esac
+        CUBECL_DEBUG_LOG="$W/profile_$what.log" timeout ${PROFILE_TIMEOUT:-200} \
+            $PALM bench $what --device cuda --precision ${PREC:-f32} $args >> "$R" 2>> "$L"
+        python3 - "$W/profile_$what.log" > "$OUT/profile_$what.txt" <<'PY'
+import collections, re, sys
+unit = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+total, count = collections.Counter(), collections.Counter()
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"\|\s*([\d.]+)(ns|µs|us|ms|s)\s*\|\s*(.+)$", line.strip())
+    if m:
+        name = re.sub(r"<.*", "", m.group(3)).strip()[:100]
+        total[name] += float(m.group(1)) * unit[m.group(2)]
+        count[name] += 1
+all_s = sum(total.values()) or 1.0
+print(f"{'seconds':>9} {'share':>6} {'calls':>7}  kernel  (total {all_s:.3f} s)")
+for name, s in total.most_common(40):
+    print(f"{s:9.4f} {100 * s / all_s:5.1f}% {count[name]:7d}  {name}")
+PY
     done
 fi
 if [[ $PART == all || $PART == checks ]]; then
