@@ -233,10 +233,14 @@ impl Chain<'_> {
         crate::run(self.with_device(&mut cmd))?;
 
         let mut cmd = self.palm();
+        // The references as the reference trainer scores them: decoded from their ids.
         cmd.args(["eval", "--json", "--ref-field", "tgt", "--hyp"])
             .arg(&predictions)
             .arg("--ref")
-            .arg(&predictions);
+            .arg(&predictions)
+            .arg("--decode-refs-with")
+            .arg(&vocab)
+            .args(["--ref-max-len", &recipe.max_tgt_len.to_string()]);
         eprintln!("$ {cmd:?}");
         let out = cmd.output().context("cannot run palm eval")?;
         if !out.status.success() {

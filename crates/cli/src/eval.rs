@@ -22,11 +22,26 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Score against the references as the reference trainer does: tokenized with this
+    /// vocab.txt, cut to --ref-max-len ids and decoded back (lower-cased, [UNK] dropped).
+    #[arg(long, value_name = "VOCAB")]
+    decode_refs_with: Option<PathBuf>,
+    /// Ids per reference, [CLS] and [SEP] included, with --decode-refs-with (the cards' 128).
+    #[arg(long, default_value_t = 128, requires = "decode_refs_with")]
+    ref_max_len: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let hyps = read_texts(&args.hyp, &args.hyp_field)?;
-    let refs = read_texts(&args.reference, &args.ref_field)?;
+    let mut refs = read_texts(&args.reference, &args.ref_field)?;
+    if let Some(vocab) = &args.decode_refs_with {
+        let tokenizer = palm_tokenizer::PalmTokenizer::from_vocab_file(vocab)?;
+        refs = tokenizer
+            .encode_batch(&refs, args.ref_max_len.max(2))
+            .iter()
+            .map(|ids| tokenizer.decode(ids))
+            .collect();
+    }
     if hyps.len() != refs.len() {
         bail!(
             "{} has {} lines but {} has {}",

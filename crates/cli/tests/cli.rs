@@ -407,3 +407,38 @@ fn generate_text_and_bad_model_dir() {
     ]);
     assert_bad_input(&o, "not a model directory");
 }
+
+#[test]
+fn eval_can_score_against_references_decoded_from_ids_like_the_trainer() {
+    let dir = tempfile::tempdir().unwrap();
+    let hyp = dir.path().join("hyp.txt");
+    let reference = dir.path().join("ref.txt");
+    // Upper case is lowered, a character outside the vocabulary is dropped as [UNK], and the
+    // second reference is cut to 8 ids ([CLS], 6 characters, [SEP]).
+    std::fs::write(&hyp, "a的一是在\n一是在不了有\n").unwrap();
+    std::fs::write(&reference, "A的一龘是在\n一是在不了有和人\n").unwrap();
+    let score = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--json",
+            "--hyp",
+            hyp.to_str().unwrap(),
+            "--ref",
+            reference.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = palm(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["rouge-l"].as_f64().unwrap()
+    };
+    let vocab = vocab_fixture();
+    let decoded = score(&[
+        "--decode-refs-with",
+        vocab.to_str().unwrap(),
+        "--ref-max-len",
+        "8",
+    ]);
+    assert!((decoded - 100.0).abs() < 1e-6, "{decoded}");
+    assert!(score(&[]) < 90.0);
+}
