@@ -58,7 +58,7 @@ pub fn run(args: &[String]) -> Result<()> {
 /// and prints the one command that runs palm and the PyTorch reference side by side there
 /// (`xtask/bench/gpu.sh`); its `results.jsonl` feeds `docs/benchmarks.md`.
 fn gpu(args: &[String]) -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = crate::root();
     if !args.iter().any(|a| a == "--no-build") {
         crate::run(cargo().env("CUDARC_CUDA_VERSION", "13000").args([
             "build",

@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn the_committed_manifest_is_complete() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let root = crate::root();
         let m = load(&root.join("datasets/manifest.toml")).unwrap();
         for name in ["lcsts", "adgen", "dureader-qg"] {
             let e = &m[name];

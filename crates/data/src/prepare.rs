@@ -302,17 +302,11 @@ pub fn prepare(
             };
             let mut rows = crate::shards::read_shard(&bucket.dir.join(name))?;
             rows.shuffle(&mut rng);
-            for part in rows.chunks(options.chunk_rows.max(1)) {
-                let part: Vec<_> = part
-                    .iter()
-                    .map(|r| {
-                        (
-                            r.src_ids.clone(),
-                            r.tgt_ids.clone(),
-                            r.src_text.as_str(),
-                            r.tgt_text.as_str(),
-                        )
-                    })
+            while !rows.is_empty() {
+                let n = options.chunk_rows.max(1).min(rows.len());
+                let part: Vec<_> = rows
+                    .drain(..n)
+                    .map(|r| (r.src_ids, r.tgt_ids, r.src_text, r.tgt_text))
                     .collect();
                 writer.write(&record_batch(&part, &tmp)?)?;
             }
@@ -334,7 +328,10 @@ pub fn prepare(
 }
 
 /// One record batch of framed rows: (source ids, target ids, source text, target text).
-fn record_batch(rows: &[(Vec<u32>, Vec<u32>, &str, &str)], dir: &Path) -> Result<RecordBatch> {
+fn record_batch<S: AsRef<str>>(
+    rows: &[(Vec<u32>, Vec<u32>, S, S)],
+    dir: &Path,
+) -> Result<RecordBatch> {
     let ids = || {
         ListBuilder::new(UInt32Builder::new()).with_field(Arc::new(Field::new(
             "item",
@@ -349,8 +346,8 @@ fn record_batch(rows: &[(Vec<u32>, Vec<u32>, &str, &str)], dir: &Path) -> Result
         src_b.append(true);
         tgt_b.values().append_slice(t);
         tgt_b.append(true);
-        src_t.append_value(src);
-        tgt_t.append_value(tgt);
+        src_t.append_value(src.as_ref());
+        tgt_t.append_value(tgt.as_ref());
     }
     let columns: Vec<ArrayRef> = vec![
         Arc::new(src_b.finish()),

@@ -208,17 +208,19 @@ pub fn open_input(path: &Path, options: &ReaderOptions) -> Result<Input> {
 
 /// The texts of a prepared shard directory, one shard in memory at a time.
 fn prepared_texts(dir: &Path) -> Result<Input> {
-    let files = crate::shards::shard_files(dir)?;
-    let total_bytes = files
-        .iter()
-        .filter_map(|f| f.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let files: Vec<(PathBuf, u64)> = crate::shards::shard_files(dir)?
+        .into_iter()
+        .map(|f| {
+            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            (f, size)
+        })
+        .collect();
+    let total_bytes = files.iter().map(|(_, size)| size).sum();
     let bytes_read = BytesRead::default();
     let counter = bytes_read.clone();
     let examples = files
         .into_iter()
-        .flat_map(move |file| {
+        .flat_map(move |(file, size)| {
             let rows: Vec<Result<(String, String)>> = match crate::shards::read_shard(&file) {
                 Ok(rows) => rows
                     .into_iter()
@@ -226,7 +228,6 @@ fn prepared_texts(dir: &Path) -> Result<Input> {
                     .collect(),
                 Err(e) => vec![Err(e)],
             };
-            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
             counter.0.fetch_add(size, Ordering::Relaxed);
             rows
         })
