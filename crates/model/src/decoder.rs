@@ -8,6 +8,7 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
 use crate::attention::{attention, merge_heads, split_heads};
+use crate::dense::dense;
 use crate::init::{embedding, layer_norm, linear};
 
 /// LayerNorm epsilon of every decoder norm.
@@ -109,14 +110,14 @@ impl<B: Backend> MultiHeadedAttention<B> {
     /// Query projection, split into heads and divided by sqrt(dh) as the reference does.
     fn query(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
         let dh = x.dims()[2] / self.heads;
-        split_heads(self.linear_query.forward(x), self.heads).div_scalar((dh as f64).sqrt())
+        split_heads(dense(&self.linear_query, x), self.heads).div_scalar((dh as f64).sqrt())
     }
 
     /// Keys and values of `x`, split into heads: `[b, h, t, dh]` each.
     pub fn keys_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         (
-            split_heads(self.linear_keys.forward(x.clone()), self.heads),
-            split_heads(self.linear_values.forward(x), self.heads),
+            split_heads(dense(&self.linear_keys, x.clone()), self.heads),
+            split_heads(dense(&self.linear_values, x), self.heads),
         )
     }
 
@@ -127,8 +128,10 @@ impl<B: Backend> MultiHeadedAttention<B> {
         v: Tensor<B, 4>,
         mask: Tensor<B, 4, Bool>,
     ) -> Tensor<B, 3> {
-        self.final_linear
-            .forward(merge_heads(attention(q, k, v, Some(mask), &self.dropout)))
+        dense(
+            &self.final_linear,
+            merge_heads(attention(q, k, v, Some(mask), &self.dropout)),
+        )
     }
 }
 
@@ -152,10 +155,11 @@ impl<B: Backend> TransformerDecoderLayer<B> {
 
     fn feed_forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let f = &self.feed_forward;
-        let inner = f.dropout_1.forward(gelu_approximate(
-            f.w_1.forward(f.layer_norm.forward(x.clone())),
-        ));
-        f.dropout_2.forward(f.w_2.forward(inner)) + x
+        let inner = f.dropout_1.forward(gelu_approximate(dense(
+            &f.w_1,
+            f.layer_norm.forward(x.clone()),
+        )));
+        f.dropout_2.forward(dense(&f.w_2, inner)) + x
     }
 
     /// Teacher-forced layer: `x [b, t, d]`, `memory [b, s, d]`, `self_mask [b, 1, t, t]`,
@@ -209,10 +213,7 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         let sources = rows / beams;
         let heads = self.context_attn.heads;
         let dh = d / heads;
-        let query = self
-            .context_attn
-            .linear_query
-            .forward(qn)
+        let query = dense(&self.context_attn.linear_query, qn)
             .reshape([sources, beams, heads, dh])
             .swap_dims(1, 2)
             .div_scalar((dh as f64).sqrt());
@@ -224,7 +225,7 @@ impl<B: Backend> TransformerDecoderLayer<B> {
             &self.context_attn.dropout,
         );
         let ctx = ctx.swap_dims(1, 2).reshape([rows, 1, d]);
-        let c = self.context_attn.final_linear.forward(ctx);
+        let c = dense(&self.context_attn.final_linear, ctx);
         self.feed_forward(self.drop.forward(c) + q)
     }
 }

@@ -8,6 +8,7 @@ use burn::tensor::activation::gelu;
 
 use crate::attention::{attention, merge_heads, split_heads};
 use crate::config::BertConfig;
+use crate::dense::dense;
 use crate::init::{embedding, layer_norm, linear};
 
 /// Word + position + token-type embeddings, LayerNorm, dropout.
@@ -50,7 +51,7 @@ pub struct BertOutput<B: Backend> {
 impl<B: Backend> BertOutput<B> {
     fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
         self.layer_norm
-            .forward(self.dropout.forward(self.dense.forward(x)) + residual)
+            .forward(self.dropout.forward(dense(&self.dense, x)) + residual)
     }
 }
 
@@ -177,12 +178,12 @@ impl<B: Backend> BertLayer<B> {
         let a = &self.attention.self_attn;
         let dh = x.dims()[2] / a.heads;
         let scale = 1.0 / (dh as f64).sqrt();
-        let q = split_heads(a.query.forward(x.clone()), a.heads).mul_scalar(scale);
-        let k = split_heads(a.key.forward(x.clone()), a.heads);
-        let v = split_heads(a.value.forward(x.clone()), a.heads);
+        let q = split_heads(dense(&a.query, x.clone()), a.heads).mul_scalar(scale);
+        let k = split_heads(dense(&a.key, x.clone()), a.heads);
+        let v = split_heads(dense(&a.value, x.clone()), a.heads);
         let ctx = merge_heads(attention(q, k, v, Some(mask), &a.dropout));
         let h = self.attention.output.forward(ctx, x);
-        let inner = gelu(self.intermediate.dense.forward(h.clone()));
+        let inner = gelu(dense(&self.intermediate.dense, h.clone()));
         self.output.forward(inner, h)
     }
 }

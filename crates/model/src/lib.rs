@@ -15,6 +15,7 @@
 pub mod attention;
 pub mod config;
 pub mod decoder;
+pub mod dense;
 pub mod encoder;
 pub mod export;
 pub mod import;

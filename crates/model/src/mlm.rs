@@ -9,6 +9,7 @@ use burn::tensor::activation::{gelu, log_softmax};
 
 use crate::Palm;
 use crate::config::ModelConfig;
+use crate::dense::{dense, project_onto};
 use crate::init::{layer_norm, linear};
 
 /// The masked-LM head.
@@ -35,11 +36,10 @@ impl<B: Backend> MlmHead<B> {
 
     /// Log-probabilities over the vocabulary for encoder states `[b, s, d]` of `palm`.
     pub fn forward(&self, palm: &Palm<B>, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.layer_norm.forward(gelu(self.dense.forward(hidden)));
+        let h = self.layer_norm.forward(gelu(dense(&self.dense, hidden)));
         // The word table is [vocab, d]; logits = h · tableᵀ + bias.
         let table = palm.bert.embeddings.word_embeddings.weight.val();
-        let logits =
-            h.matmul(table.transpose().unsqueeze::<3>()) + self.bias.val().unsqueeze::<3>();
+        let logits = project_onto(h, table, self.bias.val());
         log_softmax(logits, 2)
     }
 }

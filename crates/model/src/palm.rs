@@ -7,6 +7,7 @@ use burn::tensor::activation::log_softmax;
 
 use crate::config::ModelConfig;
 use crate::decoder::{DecoderCache, TransformerDecoder};
+use crate::dense::project_onto;
 use crate::encoder::BertModel;
 
 /// The generator's own parameter: its bias. Its weight is the decoder embedding
@@ -96,9 +97,11 @@ impl<B: Backend> Palm<B> {
 
     /// Log-probabilities over the vocabulary of decoder states `[.., d]`.
     pub fn generate_log_probs<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
-        let w = self.decoder.embeddings.weight.val();
-        let logits = hidden.matmul(w.transpose().unsqueeze::<D>())
-            + self.generator.dense.bias.val().unsqueeze::<D>();
+        let logits = project_onto(
+            hidden,
+            self.decoder.embeddings.weight.val(),
+            self.generator.dense.bias.val(),
+        );
         log_softmax(logits, D - 1)
     }
 
