@@ -23,8 +23,14 @@ echo "{\"device\": \"$(nvidia-smi --query-gpu=name,driver_version,memory.total -
 # JIT compilation and autotuning (minutes) are paid once, as on a user's own machine.
 export PALM_KERNEL_CACHE=$W/cubecl-cache
 mkdir -p "$PALM_KERNEL_CACHE"
-[[ -f .devcarry/cubecl-cache.tgz ]] && tar xzf .devcarry/cubecl-cache.tgz -C "$PALM_KERNEL_CACHE"
-save_cache() { tar czf "$OUT/cubecl-cache.tgz" -C "$PALM_KERNEL_CACHE" . ; }
+# A cache an earlier part of this command left in $OUT is newer than the carried one. It is
+# written aside and renamed, so a run killed while saving leaves the previous file whole.
+for c in "$OUT/cubecl-cache.tgz" .devcarry/cubecl-cache.tgz; do
+    [[ -f $c ]] && tar xzf "$c" -C "$PALM_KERNEL_CACHE" && break
+done
+save_cache() {
+    tar czf "$OUT/.cubecl-cache.tgz" -C "$PALM_KERNEL_CACHE" . && mv "$OUT/.cubecl-cache.tgz" "$OUT/cubecl-cache.tgz"
+}
 trap save_cache EXIT
 
 # Runs a command with its peak device memory sampled by nvidia-smi every 100 ms.
