@@ -18,18 +18,26 @@ L="$OUT/logs.txt"
 echo "{\"device\": \"$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)\", \"rev\": \"${REV:-unknown}\", \"date\": \"$(date -u +%FT%TZ)\"}" >> "$R"
 
 # palm keeps CubeCL's compiled kernels (PTX) and autotune results in PALM_KERNEL_CACHE. The
-# GPU machine starts bare each session: the cache is carried in from an earlier run when
-# .devcarry/cubecl-cache.tgz exists and returned as $OUT/cubecl-cache.tgz, so the per-shape
-# JIT compilation and autotuning (minutes) are paid once, as on a user's own machine.
+# GPU machine starts bare each session: the cache is carried in from an earlier run as
+# .devcarry/cubecl-cache.tgz.NN and returned as $OUT/cubecl-cache.tgz.NN (a gzipped tar cut
+# into 15 MB parts: the device tool returns files of at most 16 MiB, and base-zh's cache for
+# three batch sizes is larger), so the per-shape JIT compilation and autotuning (minutes) are
+# paid once, as on a user's own machine.
 export PALM_KERNEL_CACHE=$W/cubecl-cache
 mkdir -p "$PALM_KERNEL_CACHE"
-# A cache an earlier part of this command left in $OUT is newer than the carried one. It is
-# written aside and renamed, so a run killed while saving leaves the previous file whole.
+# A cache an earlier part of this command left in $OUT is newer than the carried one.
 for c in "$OUT/cubecl-cache.tgz" .devcarry/cubecl-cache.tgz; do
-    [[ -f $c ]] && tar xzf "$c" -C "$PALM_KERNEL_CACHE" && break
+    if [[ -f $c.00 ]]; then
+        cat "$c".[0-9][0-9] | tar xz -C "$PALM_KERNEL_CACHE" && break
+    elif [[ -f $c ]]; then
+        tar xzf "$c" -C "$PALM_KERNEL_CACHE" && break
+    fi
 done
+# Written aside and moved into place, so a run killed while saving leaves the previous parts.
 save_cache() {
-    tar czf "$OUT/.cubecl-cache.tgz" -C "$PALM_KERNEL_CACHE" . && mv "$OUT/.cubecl-cache.tgz" "$OUT/cubecl-cache.tgz"
+    mkdir -p "$W/save" &&
+        tar cz -C "$PALM_KERNEL_CACHE" . | split -b 15m -d - "$W/save/cubecl-cache.tgz." &&
+        rm -f "$OUT"/cubecl-cache.tgz* && mv "$W"/save/cubecl-cache.tgz.* "$OUT/"
 }
 trap save_cache EXIT
 
