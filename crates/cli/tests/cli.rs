@@ -442,3 +442,20 @@ fn eval_can_score_against_references_decoded_from_ids_like_the_trainer() {
     assert!((decoded - 100.0).abs() < 1e-6, "{decoded}");
     assert!(score(&[]) < 90.0);
 }
+
+#[test]
+fn a_missing_input_file_is_named_once_with_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere.jsonl");
+    let o = palm(&[
+        "eval",
+        "--hyp",
+        missing.to_str().unwrap(),
+        "--ref",
+        eval_fixture("ref.txt").to_str().unwrap(),
+    ]);
+    assert_bad_input(&o, "nowhere.jsonl");
+    let err = stderr(&o);
+    assert_eq!(err.matches("nowhere.jsonl").count(), 1, "{err}");
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+}
