@@ -118,7 +118,7 @@ PY
     cp "$W/demo/summary.json" "$OUT/demo_gpu_summary.json" 2>/dev/null
 fi
 if [[ $PART == all || $PART == palm ]]; then
-    for prec in ${PRECISIONS:-f32 bf16}; do
+    for prec in ${PRECISIONS:-f32 bf16-mixed bf16}; do
         peak timeout ${TRAIN_TIMEOUT:-240} $PALM bench train --device cuda --precision $prec \
             --batch-size ${TRAIN_BATCHES:-8,64,256} --steps 10 --warmup-steps 3 >> "$R" 2>> "$L"
         peak timeout ${DECODE_TIMEOUT:-150} $PALM bench decode --device cuda --precision $prec --batch-size 1,64 \

@@ -17,7 +17,7 @@ use crate::{cargo, flag};
 
 pub const USAGE: &str =
     "usage: cargo xtask reproduce lcsts|adgen|dureader-qg [--smoke] [--model DIR]
-         [--dir DATA_DIR] [--out WORK_DIR] [--device cpu|cuda[:N]] [--precision f32|bf16]
+         [--dir DATA_DIR] [--out WORK_DIR] [--device cpu|cuda[:N]] [--precision f32|bf16|bf16-mixed]
          [--epochs N] [--batch-size N] [--palm BIN]";
 
 /// The smoke run's settings: a tiny model for a few epochs, so the chain runs in a minute on a

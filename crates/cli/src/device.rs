@@ -1,4 +1,5 @@
-//! `--device cpu|cuda[:N]` and `--precision f32|bf16`: which burn backend a command runs on.
+//! `--device cpu|cuda[:N]` and `--precision f32|bf16|bf16-mixed`: which burn backend a command
+//! runs on, and in which float types.
 //! Commands write their work once, generic over `burn::prelude::Backend`, and [`dispatch!`]
 //! instantiates it for the backend chosen at run time.
 
@@ -17,8 +18,10 @@ pub struct DeviceArgs {
     /// cpu, cuda or cuda:N (cuda needs a CUDA build).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// f32, or bf16 (CUDA only): weights, activations, gradients and optimizer state in bf16.
-    #[arg(long, default_value = "f32")]
+    /// f32; bf16 (CUDA only): weights, activations, gradients and optimizer state in bf16;
+    /// bf16-mixed (CUDA only): matrix products in bf16, everything else in f32 (as PyTorch's
+    /// bf16 autocast).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "bf16-mixed"])]
     pub precision: String,
 }
 
@@ -34,34 +37,56 @@ impl DeviceArgs {
 pub enum Target {
     /// ndarray on the CPU, f32.
     Cpu,
-    /// CUDA device `index`; `bf16` makes bf16 the device's default float type (weights,
-    /// activations, gradients and optimizer state).
+    /// CUDA device `index`.
     Cuda {
         /// Device ordinal.
         index: usize,
-        /// bf16 instead of f32.
-        bf16: bool,
+        /// Float types.
+        precision: Precision,
     },
+}
+
+/// Which float types a CUDA command computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// Everything in f32 (tensor cores may round products' inputs to tf32).
+    F32,
+    /// bf16 as the device's default float type: weights, activations, gradients and optimizer
+    /// state (burn's pure bf16).
+    Bf16,
+    /// Matrix products in bf16, the rest in f32: f32 master weights and optimizer state
+    /// (`palm_model::dense::set_product_dtype`).
+    Bf16Mixed,
 }
 
 impl Target {
     /// Parses `--device` and `--precision`.
     pub fn parse(device: &str, precision: &str) -> Result<Self> {
-        let bf16 = match precision {
-            "f32" => false,
-            "bf16" => true,
-            other => bail!("--precision {other}: expected f32 or bf16"),
+        let precision = match precision {
+            "f32" => Precision::F32,
+            "bf16" => Precision::Bf16,
+            "bf16-mixed" => Precision::Bf16Mixed,
+            other => bail!("--precision {other}: expected f32, bf16 or bf16-mixed"),
         };
         let target = match device {
             "cpu" => Target::Cpu,
-            "cuda" => Target::Cuda { index: 0, bf16 },
+            "cuda" => Target::Cuda {
+                index: 0,
+                precision,
+            },
             d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(index)) => Target::Cuda { index, bf16 },
+                Some(Ok(index)) => Target::Cuda { index, precision },
                 _ => bail!("--device {d}: expected cpu, cuda or cuda:N"),
             },
         };
-        if bf16 && target == Target::Cpu {
-            bail!("--precision bf16 needs --device cuda (the CPU backend computes in f32)");
+        if precision != Precision::F32 && target == Target::Cpu {
+            bail!(
+                "--precision {}: needs --device cuda (the CPU backend has no bf16)",
+                match precision {
+                    Precision::Bf16 => "bf16",
+                    _ => "bf16-mixed",
+                }
+            );
         }
         if matches!(target, Target::Cuda { .. }) && !cfg!(feature = "cuda") {
             bail!(
@@ -121,10 +146,14 @@ macro_rules! dispatch {
                 $f::<$crate::device::Cpu>(&burn_ndarray::NdArrayDevice::Cpu, $($arg),*)
             }
             #[cfg(feature = "cuda")]
-            $crate::device::Target::Cuda { index, bf16 } => {
+            $crate::device::Target::Cuda { index, precision } => {
+                use $crate::device::Precision;
                 $crate::device::keep_kernels();
                 let device = burn_cuda::CudaDevice::new(index);
-                if bf16 {
+                if precision == Precision::Bf16Mixed {
+                    palm_model::dense::set_product_dtype(Some(burn::tensor::FloatDType::BF16));
+                }
+                if precision == Precision::Bf16 {
                     burn::tensor::set_default_dtypes::<$crate::device::Gpu>(
                         &device,
                         burn::tensor::DType::BF16,
@@ -176,13 +205,21 @@ mod tests {
         assert!(Target::parse("cpu", "bf16").is_err());
         assert!(Target::parse("tpu", "f32").is_err());
         assert!(Target::parse("cpu", "f16").is_err());
-        let cuda = Target::parse("cuda:1", "bf16");
+        assert!(Target::parse("cpu", "bf16-mixed").is_err());
+        let cuda = Target::parse("cuda:1", "bf16-mixed");
         if cfg!(feature = "cuda") {
             assert_eq!(
                 cuda.unwrap(),
                 Target::Cuda {
                     index: 1,
-                    bf16: true
+                    precision: Precision::Bf16Mixed
+                }
+            );
+            assert_eq!(
+                Target::parse("cuda", "bf16").unwrap(),
+                Target::Cuda {
+                    index: 0,
+                    precision: Precision::Bf16
                 }
             );
         } else {

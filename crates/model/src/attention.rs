@@ -3,6 +3,8 @@
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
+use crate::dense::product;
+
 /// The fill value of masked scores. PALM's decoder uses -1e18 (not -inf), which makes a fully
 /// masked row a uniform average instead of NaN (`palm-reference.md` §2.5); BERT's additive
 /// mask (`finfo.min`) gives the same result wherever a row has one unmasked key.
@@ -20,13 +22,13 @@ pub fn attention<B: Backend>(
     mask: Option<Tensor<B, 4, Bool>>,
     dropout: &burn::nn::Dropout,
 ) -> Tensor<B, 4> {
-    let mut scores = q.matmul(k.swap_dims(2, 3));
+    let mut scores = product(q, k.swap_dims(2, 3));
     if let Some(mask) = mask {
         let shape = scores.dims();
         scores = scores.mask_fill(mask.expand(shape), MASK_FILL);
     }
     let probs = dropout.forward(softmax(scores, 3));
-    probs.matmul(v)
+    product(probs, v)
 }
 
 /// `[b, t, h·dh]` → `[b, h, t, dh]`.

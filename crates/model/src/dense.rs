@@ -1,5 +1,5 @@
-//! Linear maps over the last axis of `[.., d]` activations, computed as one `[rows, d]` matrix
-//! product.
+//! The model's matrix products: linear maps over the last axis of `[.., d]` activations as one
+//! `[rows, d]` product, and the float type products are computed in (mixed precision).
 //!
 //! burn's `Linear::forward` (and `matmul` against an unsqueezed weight) treats a `[b, t, d]`
 //! input as a batch of `b` products with the weight broadcast over it. Two costs follow:
@@ -9,13 +9,64 @@
 //! the leading axes into rows gives one GEMM forward and one per gradient, with the same
 //! arithmetic per output element.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use burn::nn::Linear;
 use burn::prelude::*;
+use burn::tensor::FloatDType;
+
+/// The float type of matrix products; 0 when they use their operands' own type.
+static PRODUCT_DTYPE: AtomicU8 = AtomicU8::new(0);
+const PRODUCT_DTYPES: [FloatDType; 5] = [
+    FloatDType::F64,
+    FloatDType::F32,
+    FloatDType::Flex32,
+    FloatDType::F16,
+    FloatDType::BF16,
+];
+
+/// Mixed precision as PyTorch's autocast does it: with `Some(dtype)` every matrix product of
+/// the model (linear layers, the generator, attention scores and their weighted sums) casts
+/// its operands to `dtype` and its result back, so tensor cores run in `dtype` while weights,
+/// gradients, optimizer state, norms, softmax and the loss keep the tensors' own type (f32
+/// master weights). `None` (the default) computes in the operands' type. Process-wide, like
+/// autocast's state: set it before the model runs.
+pub fn set_product_dtype(dtype: Option<FloatDType>) {
+    let code = dtype.map_or(0, |d| {
+        1 + PRODUCT_DTYPES
+            .iter()
+            .position(|&p| p == d)
+            .expect("every float dtype is listed") as u8
+    });
+    PRODUCT_DTYPE.store(code, Ordering::Relaxed);
+}
+
+/// The float type of matrix products set by [`set_product_dtype`].
+pub fn product_dtype() -> Option<FloatDType> {
+    match PRODUCT_DTYPE.load(Ordering::Relaxed) {
+        0 => None,
+        code => Some(PRODUCT_DTYPES[code as usize - 1]),
+    }
+}
+
+/// `a · b` (batched over leading axes) in the [`product_dtype`], returned in `a`'s type.
+pub fn product<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    match product_dtype() {
+        Some(dtype) => {
+            let own: FloatDType = a.dtype().into();
+            a.cast(dtype).matmul(b.cast(dtype)).cast(own)
+        }
+        None => a.matmul(b),
+    }
+}
 
 /// `x · W + b` for `x [.., d_in]`, as one `[rows, d_in] · [d_in, d_out]` product.
 pub fn dense<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let (rows, dims) = fold(&x);
-    let y = layer.forward(x.reshape([rows, dims[D - 1]]));
+    let mut y = product(x.reshape([rows, dims[D - 1]]), layer.weight.val());
+    if let Some(bias) = &layer.bias {
+        y = y + bias.val().unsqueeze::<2>();
+    }
     let mut out = dims;
     out[D - 1] = y.dims()[1];
     y.reshape(out)
@@ -30,7 +81,7 @@ pub fn project_onto<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     let (rows, dims) = fold(&x);
     let [n, _] = w.dims();
-    let y = x.reshape([rows, dims[D - 1]]).matmul(w.transpose()) + bias.unsqueeze::<2>();
+    let y = product(x.reshape([rows, dims[D - 1]]), w.transpose()) + bias.unsqueeze::<2>();
     let mut out = dims;
     out[D - 1] = n;
     y.reshape(out)
