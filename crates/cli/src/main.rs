@@ -131,7 +131,8 @@ fn init_tracing(verbose: u8) {
 }
 
 /// Writes `contents` to `path` atomically: a temporary name in the same directory, then a
-/// rename, so a failed or interrupted run leaves no partial file.
+/// rename, so a failed or interrupted run leaves no partial file. The file gets the
+/// permissions of any new file (0666 less the umask), not a temporary file's 0600.
 pub(crate) fn write_atomic(path: &std::path::Path, contents: &[u8]) -> anyhow::Result<()> {
     use anyhow::Context;
     use std::io::Write;
@@ -140,8 +141,12 @@ pub(crate) fn write_atomic(path: &std::path::Path, contents: &[u8]) -> anyhow::R
         _ => std::path::Path::new("."),
     };
     std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("{}", dir.display()))?;
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder
+        .tempfile_in(dir)
+        .with_context(|| format!("{}", dir.display()))?;
     tmp.write_all(contents)
         .with_context(|| format!("{}", path.display()))?;
     tmp.persist(path)

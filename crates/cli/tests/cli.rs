@@ -239,6 +239,11 @@ fn vocab_trains_a_loadable_bert_layout_vocab() {
     assert_eq!(&lines[..2], ["[PAD]", "[unused1]"]);
     assert_eq!(&lines[100..104], ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]);
     assert!(lines.contains(&"今") && lines.len() <= 160);
+    // Written through a temporary file, yet with the permissions of any new file.
+    let plain = dir.path().join("plain.txt");
+    std::fs::write(&plain, "x").unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions();
+    assert_eq!(mode(&out), mode(&plain));
 
     // An existing file is not replaced without --force.
     let o = palm(&[
