@@ -3,7 +3,9 @@
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
-use crate::dense::product;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use crate::dense::{product, product_dtype};
 
 /// The fill value of masked scores. PALM's decoder uses -1e18 (not -inf), which makes a fully
 /// masked row a uniform average instead of NaN (`palm-reference.md` §2.5); BERT's additive
@@ -31,6 +33,32 @@ pub fn attention<B: Backend>(
     product(probs, v)
 }
 
+/// `softmax(q·kᵀ / √dh, masked keys hidden) · v` through burn's fused attention op, which a
+/// backend may run as one kernel (CubeCL autotunes its flash kernels against the decomposed
+/// path; the CPU backend decomposes). `q` is *not* pre-scaled: the flash kernels take only
+/// the default scale. No dropout, so inference only. Every query row needs a visible key: a
+/// fully masked row comes out as zeros here, where [`attention`] gives the reference's uniform
+/// average. Products run in the [`product_dtype`] when one is set.
+pub fn fused_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4, Bool>,
+) -> Tensor<B, 4> {
+    let [b, h, tq, _] = q.dims();
+    let tk = k.dims()[2];
+    let mask = Some(mask.expand([b, h, tq, tk]));
+    let options = AttentionModuleOptions::default();
+    match product_dtype() {
+        Some(dtype) => {
+            let own: burn::tensor::FloatDType = q.dtype().into();
+            let (q, k, v) = (q.cast(dtype), k.cast(dtype), v.cast(dtype));
+            burn::tensor::module::attention(q, k, v, mask, None, options).cast(own)
+        }
+        None => burn::tensor::module::attention(q, k, v, mask, None, options),
+    }
+}
+
 /// `[b, t, h·dh]` → `[b, h, t, dh]`.
 pub fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
     let [b, t, d] = x.dims();
@@ -41,4 +69,39 @@ pub fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
 pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
     let [b, h, t, dh] = x.dims();
     x.swap_dims(1, 2).reshape([b, t, h * dh])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+    use burn_ndarray::{NdArray, NdArrayDevice};
+
+    type B = NdArray<f32>;
+
+    #[test]
+    fn the_fused_op_equals_the_reference_attention_where_a_key_is_visible() {
+        let device = NdArrayDevice::Cpu;
+        let normal = Distribution::Normal(0.0, 1.0);
+        let (b, h, tq, tk, dh) = (2, 3, 5, 7, 12);
+        let q = Tensor::<B, 4>::random([b, h, tq, dh], normal, &device);
+        let k = Tensor::<B, 4>::random([b, h, tk, dh], normal, &device);
+        let v = Tensor::<B, 4>::random([b, h, tk, dh], normal, &device);
+        // Source padding as the decoder's cross-attention sees it: [b, 1, 1, tk].
+        let hidden: Vec<bool> = (0..b * tk).map(|i| i % tk >= tk - 1 - i / tk * 2).collect();
+        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [b, 1, 1, tk]), &device);
+        let no_dropout = burn::nn::DropoutConfig::new(0.0).init();
+
+        let fused = fused_attention(q.clone(), k.clone(), v.clone(), mask.clone());
+        let reference = attention(
+            q.div_scalar((dh as f64).sqrt()),
+            k,
+            v,
+            Some(mask),
+            &no_dropout,
+        );
+        fused
+            .to_data()
+            .assert_approx_eq::<f32>(&reference.to_data(), Default::default());
+    }
 }

@@ -7,7 +7,7 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::gelu_approximate;
 
-use crate::attention::{attention, merge_heads, split_heads};
+use crate::attention::{attention, fused_attention, merge_heads, split_heads};
 use crate::dense::dense;
 use crate::init::{embedding, layer_norm, linear};
 
@@ -209,20 +209,19 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         let q = self.drop.forward(a) + x;
         let qn = self.layer_norm_2.forward(q.clone());
         // Beams of one source share its memory keys/values: the beams become query positions.
+        // Every source has a visible key ([CLS]), so the fused op applies (it scales q itself).
         let [rows, _, d] = qn.dims();
         let sources = rows / beams;
         let heads = self.context_attn.heads;
         let dh = d / heads;
         let query = dense(&self.context_attn.linear_query, qn)
             .reshape([sources, beams, heads, dh])
-            .swap_dims(1, 2)
-            .div_scalar((dh as f64).sqrt());
-        let ctx = attention(
+            .swap_dims(1, 2);
+        let ctx = fused_attention(
             query,
             cache.memory_keys.clone(),
             cache.memory_values.clone(),
-            Some(src_mask.clone()),
-            &self.context_attn.dropout,
+            src_mask.clone(),
         );
         let ctx = ctx.swap_dims(1, 2).reshape([rows, 1, d]);
         let c = dense(&self.context_attn.final_linear, ctx);
