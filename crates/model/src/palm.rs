@@ -97,12 +97,16 @@ impl<B: Backend> Palm<B> {
 
     /// Log-probabilities over the vocabulary of decoder states `[.., d]`.
     pub fn generate_log_probs<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
-        let logits = project_onto(
+        log_softmax(self.generate_logits(hidden), D - 1)
+    }
+
+    /// The generator's logits (before log-softmax) of decoder states `[.., d]`.
+    pub fn generate_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        project_onto(
             hidden,
             self.decoder.embeddings.weight.val(),
             self.generator.dense.bias.val(),
-        );
-        log_softmax(logits, D - 1)
+        )
     }
 
     /// Teacher-forced decoder states after the final LayerNorm: `[b, t, d]` for the decoder

@@ -84,6 +84,49 @@ impl LabelSmoothedLoss {
     }
 }
 
+impl LabelSmoothedLoss {
+    /// The same loss from the logits `[b, t, V]` (before log-softmax), without materialising
+    /// the log-probabilities: with `lse` the row's log-sum-exp, `lp[v] = z[v] − lse`, so the
+    /// loss needs only `z[gold]`, `z[PAD]`, `Σ_v z[v]` and `lse`, reductions of the logits.
+    /// Training uses it; its gradient equals [`LabelSmoothedLoss::forward`]'s through a
+    /// log-softmax.
+    pub fn forward_logits<B: Backend>(
+        &self,
+        logits: Tensor<B, 3>,
+        gold: Tensor<B, 2, Int>,
+    ) -> LossOutput<B> {
+        let [b, t, v] = logits.dims();
+        let z = logits.reshape([b * t, v]);
+        let gold = gold.reshape([b * t]);
+        let keep = gold.clone().not_equal_elem(self.pad).float();
+        let max = z.clone().detach().max_dim(1);
+        let lse = ((z.clone() - max.clone()).exp().sum_dim(1).log() + max).reshape([b * t]);
+        let lp_gold = z
+            .clone()
+            .gather(1, gold.unsqueeze_dim::<2>(1))
+            .reshape([b * t])
+            - lse.clone();
+        let conf = 1.0 - self.smoothing;
+        let per_row = if self.smoothing > 0.0 {
+            let s = self.smoothing / (v as f64 - 2.0);
+            let lp_pad = z
+                .clone()
+                .slice(s![.., self.pad..self.pad + 1])
+                .reshape([b * t])
+                - lse.clone();
+            let lp_sum = z.sum_dim(1).reshape([b * t]) - lse.mul_scalar(v as f64);
+            let rest = lp_sum - lp_gold.clone() - lp_pad;
+            lp_gold.mul_scalar(-conf) - rest.mul_scalar(s) + self.entropy_term()
+        } else {
+            lp_gold.neg()
+        };
+        LossOutput {
+            sum: (per_row * keep.clone()).sum(),
+            tokens: keep.sum(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +152,33 @@ mod tests {
         assert_eq!(tokens, 1.0);
         // KL of a distribution with itself is 0 (PAD's probability is never weighted).
         assert!(sum.abs() < 1e-5, "{sum}");
+    }
+
+    #[test]
+    fn the_loss_from_logits_equals_the_loss_from_log_probs_with_its_gradient() {
+        use burn::tensor::Distribution;
+        use burn::tensor::activation::log_softmax;
+        type A = burn_autodiff::Autodiff<B>;
+        let d = NdArrayDevice::Cpu;
+        let gold =
+            Tensor::<A, 2, Int>::from_data(TensorData::new(vec![3i64, 0, 5, 1, 2, 0], [2, 3]), &d);
+        for smoothing in [0.0, 0.1] {
+            let loss = LabelSmoothedLoss {
+                smoothing,
+                vocab_size: 7,
+                pad: 0,
+            };
+            let z = Tensor::<A, 3>::random([2, 3, 7], Distribution::Normal(0.0, 3.0), &d)
+                .require_grad();
+            let a = loss.forward_logits(z.clone(), gold.clone());
+            let b = loss.forward(log_softmax(z.clone(), 2), gold.clone());
+            let close =
+                |x: TensorData, y: TensorData| x.assert_approx_eq::<f32>(&y, Default::default());
+            close(a.sum.to_data(), b.sum.to_data());
+            close(a.tokens.to_data(), b.tokens.to_data());
+            let ga = z.grad(&a.mean().backward()).unwrap();
+            let gb = z.grad(&b.mean().backward()).unwrap();
+            close(ga.to_data(), gb.to_data());
+        }
     }
 }

@@ -92,20 +92,24 @@ impl<B: Backend> PalmTraining<B> {
 
     /// The summed loss and token count of a batch.
     pub fn loss(&self, batch: PalmBatch<B>) -> LossOutput<B> {
-        let lp = self.palm.forward(batch.src, batch.tgt_in);
-        self.criterion().forward(lp, batch.gold)
+        let memory = self.palm.encode(batch.src);
+        let logits = self
+            .palm
+            .generate_logits(self.palm.decode_hidden(&memory, batch.tgt_in));
+        self.criterion().forward_logits(logits, batch.gold)
     }
 
     /// Loss (per non-PAD target token; in pre-training the weighted sum with the masked-LM
-    /// loss per masked token) and the decoder's log-probabilities of a batch.
+    /// loss per masked token) and the decoder's logits of a batch (the metrics normalise
+    /// them). The loss is taken from the logits: no `[tokens × vocab]` log-probabilities.
     pub fn forward_loss(&self, batch: PalmBatch<B>) -> SequenceOutput<B> {
         let memory = self.palm.encode(batch.src);
-        let lp = self
+        let logits = self
             .palm
-            .generate_log_probs(self.palm.decode_hidden(&memory, batch.tgt_in));
+            .generate_logits(self.palm.decode_hidden(&memory, batch.tgt_in));
         let mut loss = self
             .criterion()
-            .forward(lp.clone(), batch.gold.clone())
+            .forward_logits(logits.clone(), batch.gold.clone())
             .mean();
         if let Some(labels) = batch.mlm_labels
             && let Some(mlm) = self.mlm_loss(&memory, labels)
@@ -113,7 +117,7 @@ impl<B: Backend> PalmTraining<B> {
             let [w_mlm, w_lm] = self.weights;
             loss = loss.mul_scalar(w_lm) + (mlm.sum / mlm.count.clamp_min(1.0)).mul_scalar(w_mlm);
         }
-        SequenceOutput::new(loss, lp, None, batch.gold)
+        SequenceOutput::new(loss, logits, None, batch.gold)
     }
 }
 
