@@ -57,34 +57,9 @@ impl LabelSmoothedLoss {
         gold: Tensor<B, 2, Int>,
     ) -> LossOutput<B> {
         let [b, t, v] = log_probs.dims();
-        let lp = log_probs.reshape([b * t, v]);
-        let gold = gold.reshape([b * t]);
-        let keep = gold.clone().not_equal_elem(self.pad).float();
-        let lp_gold = lp
-            .clone()
-            .gather(1, gold.unsqueeze_dim::<2>(1))
-            .reshape([b * t]);
-        let conf = 1.0 - self.smoothing;
-        let per_row = if self.smoothing > 0.0 {
-            let s = self.smoothing / (v as f64 - 2.0);
-            let lp_pad = lp
-                .clone()
-                .slice(s![.., self.pad..self.pad + 1])
-                .reshape([b * t]);
-            let lp_sum = lp.sum_dim(1).reshape([b * t]);
-            let rest = lp_sum - lp_gold.clone() - lp_pad;
-            lp_gold.mul_scalar(-conf) - rest.mul_scalar(s) + self.entropy_term()
-        } else {
-            lp_gold.neg()
-        };
-        LossOutput {
-            sum: (per_row * keep.clone()).sum(),
-            tokens: keep.sum(),
-        }
+        self.rows(log_probs.reshape([b * t, v]), None, gold.reshape([b * t]))
     }
-}
 
-impl LabelSmoothedLoss {
     /// The same loss from the logits `[b, t, V]` (before log-softmax), without materialising
     /// the log-probabilities: with `lse` the row's log-sum-exp, `lp[v] = z[v] − lse`, so the
     /// loss needs only `z[gold]`, `z[PAD]`, `Σ_v z[v]` and `lse`, reductions of the logits.
@@ -97,24 +72,35 @@ impl LabelSmoothedLoss {
     ) -> LossOutput<B> {
         let [b, t, v] = logits.dims();
         let z = logits.reshape([b * t, v]);
-        let gold = gold.reshape([b * t]);
-        let keep = gold.clone().not_equal_elem(self.pad).float();
         let max = z.clone().detach().max_dim(1);
         let lse = ((z.clone() - max.clone()).exp().sum_dim(1).log() + max).reshape([b * t]);
-        let lp_gold = z
-            .clone()
-            .gather(1, gold.unsqueeze_dim::<2>(1))
-            .reshape([b * t])
-            - lse.clone();
+        self.rows(z, Some(lse), gold.reshape([b * t]))
+    }
+
+    /// The loss of rows `x [n, V]` whose log-probabilities are `x − offset` (no offset: `x`
+    /// are log-probabilities) against gold ids `[n]`.
+    fn rows<B: Backend>(
+        &self,
+        x: Tensor<B, 2>,
+        offset: Option<Tensor<B, 1>>,
+        gold: Tensor<B, 1, Int>,
+    ) -> LossOutput<B> {
+        let [n, v] = x.dims();
+        let shifted = |t: Tensor<B, 1>, times: f64| match &offset {
+            Some(o) => t - o.clone().mul_scalar(times),
+            None => t,
+        };
+        let keep = gold.clone().not_equal_elem(self.pad).float();
+        let lp_gold = shifted(
+            x.clone().gather(1, gold.unsqueeze_dim::<2>(1)).reshape([n]),
+            1.0,
+        );
         let conf = 1.0 - self.smoothing;
         let per_row = if self.smoothing > 0.0 {
             let s = self.smoothing / (v as f64 - 2.0);
-            let lp_pad = z
-                .clone()
-                .slice(s![.., self.pad..self.pad + 1])
-                .reshape([b * t])
-                - lse.clone();
-            let lp_sum = z.sum_dim(1).reshape([b * t]) - lse.mul_scalar(v as f64);
+            let pad = x.clone().slice(s![.., self.pad..self.pad + 1]).reshape([n]);
+            let lp_pad = shifted(pad, 1.0);
+            let lp_sum = shifted(x.sum_dim(1).reshape([n]), v as f64);
             let rest = lp_sum - lp_gold.clone() - lp_pad;
             lp_gold.mul_scalar(-conf) - rest.mul_scalar(s) + self.entropy_term()
         } else {
