@@ -5,7 +5,7 @@ use burn::tensor::activation::softmax;
 
 use burn::tensor::ops::AttentionModuleOptions;
 
-use crate::dense::{product, product_dtype};
+use crate::dense::{for_product, product};
 
 /// The fill value of masked scores. PALM's decoder uses -1e18 (not -inf), which makes a fully
 /// masked row a uniform average instead of NaN (`palm-reference.md` §2.5); BERT's additive
@@ -38,7 +38,7 @@ pub fn attention<B: Backend>(
 /// path; the CPU backend decomposes). `q` is *not* pre-scaled: the flash kernels take only
 /// the default scale. No dropout, so inference only. Every query row needs a visible key: a
 /// fully masked row comes out as zeros here, where [`attention`] gives the reference's uniform
-/// average. Products run in the [`product_dtype`] when one is set.
+/// average. Products run in the [`product_dtype`](crate::dense::product_dtype) when one is set.
 pub fn fused_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -48,15 +48,10 @@ pub fn fused_attention<B: Backend>(
     let [b, h, tq, _] = q.dims();
     let tk = k.dims()[2];
     let mask = Some(mask.expand([b, h, tq, tk]));
-    let options = AttentionModuleOptions::default();
-    match product_dtype() {
-        Some(dtype) => {
-            let own: burn::tensor::FloatDType = q.dtype().into();
-            let (q, k, v) = (q.cast(dtype), k.cast(dtype), v.cast(dtype));
-            burn::tensor::module::attention(q, k, v, mask, None, options).cast(own)
-        }
-        None => burn::tensor::module::attention(q, k, v, mask, None, options),
-    }
+    let own: burn::tensor::FloatDType = q.dtype().into();
+    let (q, k, v) = (for_product(q), for_product(k), for_product(v));
+    burn::tensor::module::attention(q, k, v, mask, None, AttentionModuleOptions::default())
+        .cast(own)
 }
 
 /// `[b, t, h·dh]` → `[b, h, t, dh]`.

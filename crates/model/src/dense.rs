@@ -49,15 +49,19 @@ pub fn product_dtype() -> Option<FloatDType> {
     }
 }
 
+/// `x` in the [`product_dtype`] (unchanged when none is set); `cast` back to the tensors' own
+/// type is a no-op when nothing was cast.
+pub(crate) fn for_product<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match product_dtype() {
+        Some(dtype) => x.cast(dtype),
+        None => x,
+    }
+}
+
 /// `a · b` (batched over leading axes) in the [`product_dtype`], returned in `a`'s type.
 pub fn product<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
-    match product_dtype() {
-        Some(dtype) => {
-            let own: FloatDType = a.dtype().into();
-            a.cast(dtype).matmul(b.cast(dtype)).cast(own)
-        }
-        None => a.matmul(b),
-    }
+    let own: FloatDType = a.dtype().into();
+    for_product(a).matmul(for_product(b)).cast(own)
 }
 
 /// `x · W + b` for `x [.., d_in]`, as one `[rows, d_in] · [d_in, d_out]` product.
