@@ -149,6 +149,9 @@ macro_rules! dispatch {
             $crate::device::Target::Cuda { index, precision } => {
                 use $crate::device::Precision;
                 $crate::device::keep_kernels();
+                if let Err(e) = $crate::cublaslt::install(index) {
+                    tracing::warn!("{e:#}: burn's own matmul kernels instead");
+                }
                 let device = burn_cuda::CudaDevice::new(index);
                 if precision == Precision::Bf16Mixed {
                     palm_model::dense::set_product_dtype(Some(burn::tensor::FloatDType::BF16));

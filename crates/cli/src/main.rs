@@ -2,6 +2,7 @@
 //! function per subcommand; the work lives in the `palm-*` crates.
 
 mod bench;
+mod cublaslt;
 mod device;
 mod eval;
 mod export;

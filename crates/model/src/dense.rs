@@ -9,7 +9,9 @@
 //! the leading axes into rows gives one GEMM forward and one per gradient, with the same
 //! arithmetic per output element.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::any::{Any, TypeId};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -64,10 +66,54 @@ pub fn product<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> 
     for_product(a).matmul(for_product(b)).cast(own)
 }
 
+/// A `[m, k] · [k, n]` product for one backend, in its operands' float type: what a binary
+/// substitutes for burn's own matmul on a device where a vendor library is faster (cuBLASLt
+/// on CUDA). Operands may be transposed views.
+pub type Gemm<B> = fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>;
+
+/// The [`Gemm`] set for each backend type (a handful at most), and whether any is set.
+static GEMMS: RwLock<Vec<(TypeId, Box<dyn Any + Send + Sync>)>> = RwLock::new(Vec::new());
+static ANY_GEMM: AtomicBool = AtomicBool::new(false);
+
+/// Routes the two-dimensional products of the linear layers and output projections on backend
+/// `B` through `gemm` (`None`: burn's matmul again). Attention's batched products keep burn's.
+pub fn set_gemm<B: Backend>(gemm: Option<Gemm<B>>) {
+    let mut gemms = GEMMS.write().unwrap_or_else(|e| e.into_inner());
+    gemms.retain(|(id, _)| *id != TypeId::of::<B>());
+    if let Some(gemm) = gemm {
+        gemms.push((TypeId::of::<B>(), Box::new(gemm)));
+    }
+    ANY_GEMM.store(!gemms.is_empty(), Ordering::Relaxed);
+}
+
+/// The [`Gemm`] set for `B`, if any.
+fn gemm<B: Backend>() -> Option<Gemm<B>> {
+    if !ANY_GEMM.load(Ordering::Relaxed) {
+        return None;
+    }
+    let gemms = GEMMS.read().unwrap_or_else(|e| e.into_inner());
+    gemms
+        .iter()
+        .find(|(id, _)| *id == TypeId::of::<B>())
+        .and_then(|(_, gemm)| gemm.downcast_ref::<Gemm<B>>().copied())
+}
+
+/// `a · b` for matrices, in the [`product_dtype`] and through the backend's [`Gemm`] if one
+/// is set; returned in `a`'s type.
+fn product_2d<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    let own: FloatDType = a.dtype().into();
+    let (a, b) = (for_product(a), for_product(b));
+    match gemm::<B>() {
+        Some(gemm) => gemm(a, b),
+        None => a.matmul(b),
+    }
+    .cast(own)
+}
+
 /// `x · W + b` for `x [.., d_in]`, as one `[rows, d_in] · [d_in, d_out]` product.
 pub fn dense<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let (rows, dims) = fold(&x);
-    let mut y = product(x.reshape([rows, dims[D - 1]]), layer.weight.val());
+    let mut y = product_2d(x.reshape([rows, dims[D - 1]]), layer.weight.val());
     if let Some(bias) = &layer.bias {
         y = y + bias.val().unsqueeze::<2>();
     }
@@ -85,7 +131,7 @@ pub fn project_onto<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     let (rows, dims) = fold(&x);
     let [n, _] = w.dims();
-    let y = product(x.reshape([rows, dims[D - 1]]), w.transpose()) + bias.unsqueeze::<2>();
+    let y = product_2d(x.reshape([rows, dims[D - 1]]), w.transpose()) + bias.unsqueeze::<2>();
     let mut out = dims;
     out[D - 1] = n;
     y.reshape(out)
@@ -155,5 +201,43 @@ mod tests {
         for (a, b) in grads(&g).into_iter().zip(grads(&g_ref)) {
             close(a, b);
         }
+    }
+
+    #[test]
+    fn a_backend_gemm_takes_the_linear_layers_and_projections_until_unset() {
+        // Its own backend type (i32 indices): no other test sets a GEMM for it.
+        type G = NdArray<f32, i32>;
+        static SEEN: std::sync::Mutex<Vec<([usize; 2], [usize; 2])>> =
+            std::sync::Mutex::new(Vec::new());
+        fn recording(a: Tensor<G, 2>, b: Tensor<G, 2>) -> Tensor<G, 2> {
+            SEEN.lock().unwrap().push((a.dims(), b.dims()));
+            a.matmul(b)
+        }
+        let device = NdArrayDevice::Cpu;
+        let normal = Distribution::Normal(0.0, 1.0);
+        let layer = LinearConfig::new(6, 5).init::<G>(&device);
+        let x = Tensor::<G, 3>::random([3, 4, 6], normal, &device);
+        let table = Tensor::<G, 2>::random([7, 6], normal, &device);
+        let bias = Tensor::<G, 1>::zeros([7], &device);
+        let run = || {
+            (
+                dense(&layer, x.clone()).into_data(),
+                project_onto(x.clone(), table.clone(), bias.clone()).into_data(),
+            )
+        };
+
+        let plain = run();
+        assert!(SEEN.lock().unwrap().is_empty());
+        set_gemm::<G>(Some(recording));
+        let routed = run();
+        assert_eq!(
+            *SEEN.lock().unwrap(),
+            [([12, 6], [6, 5]), ([12, 6], [6, 7])],
+            "one folded product per layer, the table transposed"
+        );
+        assert_eq!(routed, plain);
+        set_gemm::<G>(None);
+        run();
+        assert_eq!(SEEN.lock().unwrap().len(), 2);
     }
 }

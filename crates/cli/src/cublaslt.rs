@@ -1,0 +1,141 @@
+//! The CUDA backend's large matrix products through cuBLASLt (`--features cuda`).
+//!
+//! burn 0.21's own CUDA GEMMs (CubeCL's `mma.sync` kernels, autotuned per shape) reach 75–96
+//! TFLOP/s at PALM-base's shapes where cuBLAS reaches ~300 (tf32) and more in bf16, and every
+//! new shape costs a JIT compilation and an autotuning pass. This module sends the
+//! two-dimensional products of the linear layers and output projections
+//! ([`palm_model::dense::set_gemm`]) to cuBLASLt, loaded at run time by cudarc (nothing links
+//! against CUDA at build time), at three levels of the backend:
+//!
+//! - the CubeCL tensor level ([`cube_gemm`]): reads the operands' device pointers and strides
+//!   (a transposed view is passed as a transposed operand, not copied), allocates the output in
+//!   CubeCL's pool and calls `cublasLtMatmul` with a cached plan (layouts and the heuristic's
+//!   algorithm per shape);
+//! - the fusion level ([`fusion_gemm`]): a custom operation in burn-fusion's stream, so the
+//!   element-wise work before it is launched first;
+//! - the autodiff level ([`autodiff_gemm`]): a node whose backward pass is two more such
+//!   products (`dA = dC · Bᵀ`, `dB = Aᵀ · dC`).
+//!
+//! Ordering: CubeCL launches on a stream of its own that it does not expose, so each product
+//! waits for the backend's queue on the host, runs on this module's stream and waits for it.
+//! That costs a pipeline drain per product: measured on an H200, beam search at batch 64 with
+//! only its output projection routed (one product per step) lost a quarter of its speed, while
+//! training at batch 256 gained 10%. So only products of at least [`MIN_MACS`]
+//! multiply-accumulates are routed: a training step's at batch 256, where a GEMM takes
+//! milliseconds; decoding keeps burn's kernels.
+//!
+//! f32 operands run with TF32 tensor-core arithmetic (`CUBLAS_COMPUTE_32F_FAST_TF32`, as
+//! PyTorch with `allow_tf32`, and as burn's own f32 kernels do); bf16 and f16 with f32
+//! accumulation. `PALM_GEMM=burn` turns the routing off.
+
+use burn::tensor::DType;
+
+#[cfg(feature = "cuda")]
+mod ffi;
+#[cfg(feature = "cuda")]
+pub use ffi::install;
+
+/// Products smaller than this many multiply-accumulates keep burn's kernels: 2³³ (8.6·10⁹),
+/// so every linear layer of a PALM-base training step at batch 256 (16,384 rows × 768 × 768
+/// and up) goes to cuBLASLt, and a beam-search step at batch 64 (320 rows; its output
+/// projection × 21,128 is 5.2·10⁹) stays on burn's kernels.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub const MIN_MACS: usize = 1 << 33;
+
+/// Whether cuBLASLt takes `[m, k] · [k, n]` in `dtype`, for products of at least `min_macs`
+/// multiply-accumulates ([`MIN_MACS`] unless `PALM_GEMM_MIN_MACS` says otherwise: 0 sends
+/// every product there, which the CUDA checks use on the small fixture model).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn routed(dtype: DType, m: usize, k: usize, n: usize, min_macs: usize) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16) && m * k * n >= min_macs
+}
+
+/// How cuBLASLt reads one operand: column-major `rows × cols` with leading dimension `ld`,
+/// transposed or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Operand {
+    rows: u64,
+    cols: u64,
+    ld: i64,
+    transposed: bool,
+}
+
+/// The layout of a row-major `[r, c]` matrix with strides `[s0, s1]` as cuBLASLt sees its
+/// memory (column-major), or `None` when neither the rows nor the columns are contiguous.
+/// A row-major matrix is a column-major `c × r` one: its transpose, taken as is. A transposed
+/// view (`s0 == 1`) is a column-major `r × c` matrix, taken transposed.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn operand(shape: [usize; 2], strides: [usize; 2]) -> Option<Operand> {
+    let [r, c] = shape;
+    let [s0, s1] = strides;
+    if s1 == 1 && (r == 1 || s0 >= c) {
+        let ld = if r == 1 { c } else { s0 };
+        Some(Operand {
+            rows: c as u64,
+            cols: r as u64,
+            ld: ld.max(1) as i64,
+            transposed: false,
+        })
+    } else if s0 == 1 && (c == 1 || s1 >= r) {
+        let ld = if c == 1 { r } else { s1 };
+        Some(Operand {
+            rows: r as u64,
+            cols: c as u64,
+            ld: ld.max(1) as i64,
+            transposed: true,
+        })
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_major_matrices_and_transposed_views_are_read_in_place() {
+        // A contiguous [4, 6] matrix: column-major 6 × 4, leading dimension 6.
+        assert_eq!(
+            operand([4, 6], [6, 1]),
+            Some(Operand {
+                rows: 6,
+                cols: 4,
+                ld: 6,
+                transposed: false
+            })
+        );
+        // Its transposed view [6, 4] (strides [1, 6]): the same memory, taken transposed.
+        assert_eq!(
+            operand([6, 4], [1, 6]),
+            Some(Operand {
+                rows: 6,
+                cols: 4,
+                ld: 6,
+                transposed: true
+            })
+        );
+        // A padded row pitch is the leading dimension; single rows and columns are fine.
+        assert_eq!(operand([4, 6], [8, 1]).map(|o| o.ld), Some(8));
+        assert_eq!(operand([1, 6], [0, 1]).map(|o| o.ld), Some(6));
+        assert_eq!(
+            operand([6, 1], [1, 0]).map(|o| (o.ld, o.transposed)),
+            Some((6, true))
+        );
+        // Neither axis contiguous (a strided slice): copied first.
+        assert_eq!(operand([4, 6], [12, 2]), None);
+    }
+
+    #[test]
+    fn small_and_unsupported_products_keep_burns_kernels() {
+        // Training at batch 256: every linear layer, forward and backward.
+        assert!(routed(DType::F32, 16384, 768, 768, MIN_MACS));
+        assert!(routed(DType::BF16, 768, 16384, 768, MIN_MACS));
+        // Beam search at batch 64 (320 rows), its output projection included.
+        assert!(!routed(DType::F32, 320, 768, 21128, MIN_MACS));
+        assert!(!routed(DType::F32, 5, 768, 768, MIN_MACS));
+        assert!(routed(DType::F32, 5, 768, 768, 0));
+        assert!(!routed(DType::F64, 16384, 768, 768, 0));
+    }
+}
