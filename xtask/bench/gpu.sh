@@ -105,6 +105,12 @@ print(''.join(json.dumps({'src': s, 'tgt': t}, ensure_ascii=False) + '\n' for s,
             --beam-size 4 --alpha 0.95 --min-length 3 --max-length 24 --batch-size 16 \
             --output "$W/gen_$d.jsonl" >> "$L" 2>&1
     done
+    # The cuBLASLt route against burn's matmul, with gradients (the binary's CUDA unit tests).
+    if [[ -f .devcarry/palm-unit.gz ]]; then
+        gunzip -kf .devcarry/palm-unit.gz
+        timeout ${UNIT_TIMEOUT:-300} .devcarry/palm-unit cublaslt >> "$L" 2>&1
+        echo "{\"check\": \"cublaslt_unit_tests\", \"rc\": $?}" >> "$R"
+    fi
     python3 - "$W" >> "$R" <<'PY'
 import json, sys
 w = sys.argv[1]

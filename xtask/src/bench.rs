@@ -72,9 +72,16 @@ fn gpu(args: &[String]) -> Result<()> {
         std::fs::create_dir_all(&carry).context(".devcarry")?;
         std::fs::copy(target_dir()?.join("release/palm"), carry.join("palm"))
             .context("copying the CUDA binary into .devcarry")?;
-        crate::run(Command::new("strip").arg(carry.join("palm")))?;
-        // Gzipped, the binary (16 MB) and a kernel cache fit the device tool's 64 MiB carry.
-        crate::run(Command::new("gzip").arg("-f").arg(carry.join("palm")))?;
+        // The binary's own tests, built with CUDA: `gpu.sh checks` runs the cuBLASLt ones.
+        let unit = cuda_unit_tests()?;
+        std::fs::copy(&unit, carry.join("palm-unit"))
+            .with_context(|| format!("copying {} into .devcarry", unit.display()))?;
+        for file in ["palm", "palm-unit"] {
+            crate::run(Command::new("strip").arg(carry.join(file)))?;
+            // Gzipped, both binaries (16 and 7 MB) and a kernel cache fit the device tool's
+            // 64 MiB carry.
+            crate::run(Command::new("gzip").arg("-f").arg(carry.join(file)))?;
+        }
     }
     println!(
         "On the GPU machine (device tool, carry [\".devcarry\"]), from the repository root:\n\n  \
@@ -85,6 +92,35 @@ fn gpu(args: &[String]) -> Result<()> {
         git_rev()
     );
     Ok(())
+}
+
+/// Builds the `palm` binary's unit tests with CUDA (release) and returns the executable, as
+/// cargo's JSON messages name it.
+fn cuda_unit_tests() -> Result<PathBuf> {
+    let out = cargo()
+        .env("CUDARC_CUDA_VERSION", "13000")
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "palm",
+            "--features",
+            "cuda",
+            "--bins",
+        ])
+        .args(["--no-run", "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot start cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building palm's CUDA unit tests failed with {}", out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|m| m["target"]["name"] == "palm" && m["profile"]["test"] == true)
+        .and_then(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo named no test executable for palm's binary")
 }
 
 fn prepare(args: &[String]) -> Result<()> {

@@ -108,6 +108,16 @@ fn train_flops(config: &ModelConfig, src: usize, tgt: usize) -> f64 {
     6.0 * (enc * src as f64 + (dec + generator) * tgt as f64)
 }
 
+/// Which kernels the linear layers' large products ran on: `cublaslt` (CUDA, unless
+/// `PALM_GEMM=burn`) or `burn`.
+fn gemm_route<B: Backend>() -> &'static str {
+    if palm_model::dense::has_gemm::<B>() {
+        "cublaslt"
+    } else {
+        "burn"
+    }
+}
+
 fn emit(line: serde_json::Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")?;
@@ -180,6 +190,7 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
             "mfu_bf16_h200": samples * flops / 790e12,
             "warmup_s": cold,
             "last_loss": last,
+            "gemm": gemm_route::<B>(),
         }))?;
     }
     Ok(())
@@ -233,6 +244,7 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
             "tokens_per_s": tokens as f64 / secs,
             "generated_tokens": tokens,
             "warmup_s": cold,
+            "gemm": gemm_route::<B>(),
         }))?;
     }
     Ok(())

@@ -464,3 +464,47 @@ fn a_missing_input_file_is_named_once_with_its_cause_once() {
     assert_eq!(err.matches("nowhere.jsonl").count(), 1, "{err}");
     assert_eq!(err.matches("os error").count(), 1, "{err}");
 }
+
+#[test]
+fn bench_reports_one_json_line_per_batch_size_with_the_kernels_it_ran_on() {
+    for (what, extra) in [
+        ("train", ["--tgt-len", "8"]),
+        ("decode", ["--decode-steps", "4"]),
+    ] {
+        let mut args = vec![
+            "bench",
+            what,
+            "--preset",
+            "tiny",
+            "--batch-size",
+            "1,2",
+            "--src-len",
+            "8",
+            "--steps",
+            "1",
+            "--warmup-steps",
+            "0",
+        ];
+        args.extend(extra);
+        let o = palm(&args);
+        assert!(o.status.success(), "{what}: {}", stderr(&o));
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{what}: one line per batch size");
+        for (line, batch) in lines.iter().zip([1, 2]) {
+            assert_eq!(line["bench"], what);
+            assert_eq!(line["batch"], batch);
+            assert_eq!(line["device"], "cpu");
+            // The CPU backend has no vendor GEMM installed.
+            assert_eq!(line["gemm"], "burn");
+            let rate = if what == "train" {
+                "samples_per_s"
+            } else {
+                "tokens_per_s"
+            };
+            assert!(line[rate].as_f64().is_some_and(|r| r > 0.0), "{line}");
+        }
+    }
+}

@@ -86,6 +86,11 @@ pub fn set_gemm<B: Backend>(gemm: Option<Gemm<B>>) {
     ANY_GEMM.store(!gemms.is_empty(), Ordering::Relaxed);
 }
 
+/// Whether a [`Gemm`] is set for `B` (benchmarks report which products they measured).
+pub fn has_gemm<B: Backend>() -> bool {
+    gemm::<B>().is_some()
+}
+
 /// The [`Gemm`] set for `B`, if any.
 fn gemm<B: Backend>() -> Option<Gemm<B>> {
     if !ANY_GEMM.load(Ordering::Relaxed) {
@@ -228,7 +233,9 @@ mod tests {
 
         let plain = run();
         assert!(SEEN.lock().unwrap().is_empty());
+        assert!(!has_gemm::<G>());
         set_gemm::<G>(Some(recording));
+        assert!(has_gemm::<G>() && !has_gemm::<B>());
         let routed = run();
         assert_eq!(
             *SEEN.lock().unwrap(),
@@ -237,6 +244,7 @@ mod tests {
         );
         assert_eq!(routed, plain);
         set_gemm::<G>(None);
+        assert!(!has_gemm::<G>());
         run();
         assert_eq!(SEEN.lock().unwrap().len(), 2);
     }
