@@ -47,7 +47,8 @@ pub const MIN_MACS: usize = 1 << 33;
 /// every product there, which the CUDA checks use on the small fixture model).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn routed(dtype: DType, m: usize, k: usize, n: usize, min_macs: usize) -> bool {
-    matches!(dtype, DType::F32 | DType::BF16 | DType::F16) && m * k * n >= min_macs
+    let macs = m * k * n;
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16) && macs > 0 && macs >= min_macs
 }
 
 /// How cuBLASLt reads one operand: column-major `rows × cols` with leading dimension `ld`,
@@ -137,5 +138,7 @@ mod tests {
         assert!(!routed(DType::F32, 5, 768, 768, MIN_MACS));
         assert!(routed(DType::F32, 5, 768, 768, 0));
         assert!(!routed(DType::F64, 16384, 768, 768, 0));
+        // An empty product has no valid cuBLASLt layout.
+        assert!(!routed(DType::F32, 0, 768, 768, 0));
     }
 }
