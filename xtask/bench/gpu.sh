@@ -4,7 +4,8 @@
 # `cargo xtask bench gpu` leaves it). Writes to $OUT:
 # results.jsonl (one JSON object per measurement or check), logs.txt, demo_gpu_summary.json.
 # Part: all | checks | palm | torch | probe (cold start vs a warm kernel cache) | profile
-# (device time per kernel).
+# (device time per kernel, CubeCL's log) | ncu (Nsight Compute: every kernel of one training
+# step, cuBLASLt's included, with launch shapes and DRAM/SM throughput).
 set -uo pipefail
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 PALM=${PALM:-.devcarry/palm}
@@ -88,6 +89,19 @@ for name, s in total.most_common(40):
     print(f"{s:9.4f} {100 * s / all_s:5.1f}% {count[name]:7d}  {name}")
 PY
     done
+fi
+if [[ $PART == ncu ]]; then
+    # One timed training step at batch ${B:-256} under ncu, after skipping the warm-up steps'
+    # launches and the model's initialisation (NCU_SKIP; about 3,800 launches per step at batch
+    # 256 with cuBLASLt, 400 to initialise); NCU_COUNT launches are replayed and measured one by
+    # one (minutes). Summary in $OUT/ncu_train.txt.
+    NCU=${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}
+    timeout ${NCU_TIMEOUT:-480} $NCU --launch-skip ${NCU_SKIP:-8500} --launch-count ${NCU_COUNT:-3800} \
+        --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed \
+        --csv --page raw $PALM bench train --device cuda --precision ${PREC:-f32} \
+        --batch-size ${B:-256} --steps 1 --warmup-steps 2 > "$W/ncu.csv" 2>> "$L"
+    echo "{\"ncu_rc\": $?}" >> "$R"
+    python3 xtask/bench/ncu_summary.py "$W/ncu.csv" > "$OUT/ncu_train.txt"
 fi
 if [[ $PART == all || $PART == checks ]]; then
     # CUDA against CPU on the unseen fixture model: per-row NLL and beam outputs.
