@@ -70,25 +70,20 @@ struct Operand {
 fn operand(shape: [usize; 2], strides: [usize; 2]) -> Option<Operand> {
     let [r, c] = shape;
     let [s0, s1] = strides;
-    if s1 == 1 && (r == 1 || s0 >= c) {
-        let ld = if r == 1 { c } else { s0 };
-        Some(Operand {
-            rows: c as u64,
-            cols: r as u64,
-            ld: ld.max(1) as i64,
-            transposed: false,
-        })
+    // (stored rows, stored columns, leading dimension, transposed)
+    let (rows, cols, ld, transposed) = if s1 == 1 && (r == 1 || s0 >= c) {
+        (c, r, if r == 1 { c } else { s0 }, false)
     } else if s0 == 1 && (c == 1 || s1 >= r) {
-        let ld = if c == 1 { r } else { s1 };
-        Some(Operand {
-            rows: r as u64,
-            cols: c as u64,
-            ld: ld.max(1) as i64,
-            transposed: true,
-        })
+        (r, c, if c == 1 { r } else { s1 }, true)
     } else {
-        None
-    }
+        return None;
+    };
+    Some(Operand {
+        rows: rows as u64,
+        cols: cols as u64,
+        ld: ld.max(1) as i64,
+        transposed,
+    })
 }
 
 #[cfg(test)]

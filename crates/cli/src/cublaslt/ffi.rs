@@ -157,16 +157,15 @@ fn fusion_gemm(a: FusionTensor<FusionR>, b: FusionTensor<FusionR>) -> FusionTens
 
 /// `a · b` for CubeCL tensors, through cuBLASLt on the tensors' device.
 fn cube_gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
-    let readable = |t: CubeTensor<CudaRuntime>| {
-        let layout = operand(dims2(t.meta.shape()), dims2(t.meta.strides()));
-        match layout {
-            Some(layout) => (t, layout),
-            None => {
-                let t = burn_cubecl::kernel::into_contiguous(t);
-                let layout = operand(dims2(t.meta.shape()), dims2(t.meta.strides()))
-                    .expect("a contiguous matrix is row-major");
-                (t, layout)
-            }
+    let layout =
+        |t: &CubeTensor<CudaRuntime>| operand(dims2(t.meta.shape()), dims2(t.meta.strides()));
+    // A matrix whose rows and columns are both strided is copied first.
+    let readable = |t: CubeTensor<CudaRuntime>| match layout(&t) {
+        Some(l) => (t, l),
+        None => {
+            let t = burn_cubecl::kernel::into_contiguous(t);
+            let l = layout(&t).expect("a contiguous matrix is row-major");
+            (t, l)
         }
     };
     let ([m, _], [_, n]) = (dims2(a.meta.shape()), dims2(b.meta.shape()));
