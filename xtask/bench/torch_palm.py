@@ -4,6 +4,10 @@ The same network as ModelScope's PalmForTextGeneration (palm-reference.md §2), 
 speed the way a PyTorch user would: a post-LN BERT encoder, PreSumm's pre-LN decoder with a
 final LayerNorm, the generator tied to the decoder embedding, the label-smoothed loss (divided
 by the token count, as palm trains), AdamW; attention through F.scaled_dot_product_attention.
+Training applies the reference's dropouts where palm does (`--dropout reference`: BERT's 0.1 on
+the embeddings, attention probabilities and both sublayer outputs; the decoder's 0.2 on the
+positions, both attention probabilities, both attention outputs and the feed-forward's inner
+and outer activations) or none (`--dropout 0`, with `palm bench --dropout 0` its match).
 Decoding is beam search with per-layer key/value caches and the encoder states computed once.
 
 Prints one JSON object per measurement, in the same fields as `palm bench`:
@@ -26,15 +30,17 @@ import torch.nn.functional as F
 VOCAB, D, HEADS, FF, LAYERS = 21128, 768, 12, 3072, 12
 DEC_D, DEC_HEADS, DEC_FF, DEC_LAYERS = 768, 8, 3072, 12
 PAD, BOS, EOS = 0, 101, 102
+# Training dropout of the encoder and the decoder (set by --dropout).
+DROP = {"enc": 0.1, "dec": 0.2}
 
 
-def attention(q, k, v, heads, mask=None, causal=False):
+def attention(q, k, v, heads, mask=None, causal=False, p=0.0):
     b, t, d = q.shape
     s = k.shape[1]
     q = q.view(b, t, heads, d // heads).transpose(1, 2)
     k = k.view(b, s, heads, d // heads).transpose(1, 2)
     v = v.view(b, s, heads, d // heads).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
     return out.transpose(1, 2).reshape(b, t, d)
 
 
@@ -49,9 +55,10 @@ class EncoderLayer(nn.Module):
         self.ln2 = nn.LayerNorm(D, eps=1e-12)
 
     def forward(self, x, mask):
+        p = DROP["enc"] if self.training else 0.0
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        x = self.ln1(x + self.out(attention(q, k, v, HEADS, mask)))
-        return self.ln2(x + self.ff2(F.gelu(self.ff1(x))))
+        x = self.ln1(x + F.dropout(self.out(attention(q, k, v, HEADS, mask, p=p)), p))
+        return self.ln2(x + F.dropout(self.ff2(F.gelu(self.ff1(x))), p))
 
 
 class DecoderLayer(nn.Module):
@@ -69,6 +76,7 @@ class DecoderLayer(nn.Module):
         self.ff2 = nn.Linear(DEC_FF, DEC_D)
 
     def forward(self, x, memory_kv, src_mask, cache=None):
+        p = DROP["dec"] if self.training else 0.0
         h = self.ln1(x)
         q, k, v = self.self_qkv(h).chunk(3, dim=-1)
         if cache is not None:
@@ -78,12 +86,14 @@ class DecoderLayer(nn.Module):
             cache["k"], cache["v"] = k, v
             x = x + self.self_out(attention(q, k, v, DEC_HEADS))
         else:
-            x = x + self.self_out(attention(q, k, v, DEC_HEADS, causal=True))
+            a = attention(q, k, v, DEC_HEADS, causal=True, p=p)
+            x = x + F.dropout(self.self_out(a), p)
         h = self.ln2(x)
         mk, mv = memory_kv
-        x = x + self.ctx_out(attention(self.ctx_q(h), mk, mv, DEC_HEADS, src_mask))
+        c = attention(self.ctx_q(h), mk, mv, DEC_HEADS, src_mask, p=p)
+        x = x + F.dropout(self.ctx_out(c), p)
         h = self.ln3(x)
-        return x + self.ff2(F.gelu(self.ff1(h)))
+        return x + F.dropout(self.ff2(F.dropout(F.gelu(self.ff1(h)), p)), p)
 
 
 class Palm(nn.Module):
@@ -111,6 +121,7 @@ class Palm(nn.Module):
         b, s = src.shape
         pos = torch.arange(s, device=src.device)
         x = self.emb_ln(self.word(src) + self.pos(pos) + self.token_type(torch.zeros_like(src)))
+        x = F.dropout(x, DROP["enc"] if self.training else 0.0)
         mask = (src != PAD)[:, None, None, :]
         for layer in self.encoder:
             x = layer(x, mask)
@@ -121,7 +132,8 @@ class Palm(nn.Module):
 
     def embed_tgt(self, tgt, offset=0):
         x = self.dec_emb(tgt) * math.sqrt(DEC_D)
-        return x + self.pe[offset : offset + tgt.shape[1]]
+        x = x + self.pe[offset : offset + tgt.shape[1]]
+        return F.dropout(x, DROP["dec"] if self.training else 0.0)
 
     def log_probs(self, h):
         logits = F.linear(self.dec_ln(h), self.dec_emb.weight, self.gen_bias)
@@ -215,7 +227,7 @@ def train(args, batch):
         "samples_per_s": samples, "tokens_per_s": samples * (args.src_len + args.tgt_len),
         "model_tflops_per_s": samples * flops / 1e12, "mfu_bf16_h200": samples * flops / 790e12,
         "peak_memory_mib": peak_mib(),
-        "warmup_s": cold, "last_loss": last, "torch": torch.__version__,
+        "warmup_s": cold, "last_loss": last, "dropout": args.dropout, "torch": torch.__version__,
     }
 
 
@@ -288,7 +300,10 @@ def main():
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--beam-size", type=int, default=5)
     p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--dropout", choices=["reference", "0"], default="reference")
     args = p.parse_args()
+    if args.dropout == "0":
+        DROP.update(enc=0.0, dec=0.0)
     for batch in [int(b) for b in args.batch_size.split(",")]:
         run = train if args.what == "train" else decode
         print(json.dumps(run(args, batch)), flush=True)

@@ -45,6 +45,10 @@ pub struct Args {
     /// Forced decoding steps (EOS is blocked until then).
     #[arg(long, default_value_t = 32)]
     decode_steps: usize,
+    /// Training dropout of the encoder (hidden and attention) and the decoder, as `palm train
+    /// --dropout` sets it; without it, the preset's (the reference's training dropouts).
+    #[arg(long)]
+    dropout: Option<f64>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -53,6 +57,11 @@ pub fn run(args: Args) -> Result<()> {
     let target = args.device.target()?;
     if args.batch_size.contains(&0) || args.steps == 0 {
         bail!("--batch-size and --steps must be at least 1");
+    }
+    if let Some(p) = args.dropout
+        && !(0.0..1.0).contains(&p)
+    {
+        bail!("--dropout must be in [0, 1), got {p}");
     }
     dispatch!(target, run_on(&args))
 }
@@ -65,10 +74,16 @@ fn run_on<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
 }
 
 fn config(args: &Args) -> ModelConfig {
-    match args.preset.as_str() {
+    let mut mc = match args.preset.as_str() {
         "tiny" => ModelConfig::tiny(21128),
         _ => ModelConfig::base_zh(),
+    };
+    if let Some(p) = args.dropout {
+        mc.palm.dec_dropout = p;
+        mc.encoder.hidden_dropout_prob = p;
+        mc.encoder.attention_probs_dropout_prob = p;
     }
+    mc
 }
 
 /// Deterministic pseudo-random ids in `[lo, hi)`.
@@ -190,6 +205,7 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
             "mfu_bf16_h200": samples * flops / 790e12,
             "warmup_s": cold,
             "last_loss": last,
+            "dropout": args.dropout.map_or(serde_json::json!("reference"), |p| p.into()),
             "gemm": gemm_route::<B>(),
         }))?;
     }

@@ -97,6 +97,14 @@ impl Target {
     }
 }
 
+/// Puts the written-out backward passes of layer norm, softmax and tanh-GELU
+/// (`palm_model::grad`) on backend `B`'s autodiff, unless `PALM_BACKWARD=burn` (burn's
+/// decompositions, for comparison).
+pub fn install_backward<B: burn::prelude::Backend>() {
+    let burn = std::env::var("PALM_BACKWARD").is_ok_and(|v| v == "burn");
+    palm_model::grad::install::<B>(!burn);
+}
+
 /// Where compiled CUDA kernels and autotune results are kept: `PALM_KERNEL_CACHE`, else
 /// `$XDG_CACHE_HOME/palm/cubecl`, else `$HOME/.cache/palm/cubecl`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -143,6 +151,7 @@ macro_rules! dispatch {
     ($target:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
         match $target {
             $crate::device::Target::Cpu => {
+                $crate::device::install_backward::<$crate::device::Cpu>();
                 $f::<$crate::device::Cpu>(&burn_ndarray::NdArrayDevice::Cpu, $($arg),*)
             }
             #[cfg(feature = "cuda")]
@@ -152,6 +161,7 @@ macro_rules! dispatch {
                 if let Err(e) = $crate::cublaslt::install(index) {
                     tracing::warn!("{e:#}: burn's own matmul kernels instead");
                 }
+                $crate::device::install_backward::<$crate::device::Gpu>();
                 let device = burn_cuda::CudaDevice::new(index);
                 if precision == Precision::Bf16Mixed {
                     palm_model::dense::set_product_dtype(Some(burn::tensor::FloatDType::BF16));

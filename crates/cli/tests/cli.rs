@@ -508,3 +508,37 @@ fn bench_reports_one_json_line_per_batch_size_with_the_kernels_it_ran_on() {
         }
     }
 }
+
+#[test]
+fn bench_train_applies_the_dropout_it_reports_and_rejects_one_out_of_range() {
+    let run = |dropout: &str| {
+        let o = palm(&[
+            "bench",
+            "train",
+            "--preset",
+            "tiny",
+            "--src-len",
+            "8",
+            "--tgt-len",
+            "8",
+            "--steps",
+            "2",
+            "--warmup-steps",
+            "0",
+            "--dropout",
+            dropout,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let line: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+        assert_eq!(line["dropout"].as_f64(), dropout.parse().ok(), "{line}");
+        line["last_loss"].as_f64().expect("a loss")
+    };
+    // Same seed, same data: only the dropout masks tell the runs apart.
+    let (none, half) = (run("0"), run("0.5"));
+    assert_ne!(none, half, "dropout 0.5 left the loss unchanged");
+    assert_eq!(none, run("0"), "dropout 0 is deterministic");
+
+    let o = palm(&["bench", "train", "--preset", "tiny", "--dropout", "1.5"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--dropout"), "{}", stderr(&o));
+}

@@ -1,7 +1,6 @@
 //! The attention core, in one place so a fused kernel can replace it later.
 
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 
 use burn::tensor::ops::AttentionModuleOptions;
 
@@ -29,7 +28,7 @@ pub fn attention<B: Backend>(
         let shape = scores.dims();
         scores = scores.mask_fill(mask.expand(shape), MASK_FILL);
     }
-    let probs = dropout.forward(softmax(scores, 3));
+    let probs = dropout.forward(crate::grad::softmax(scores));
     product(probs, v)
 }
 

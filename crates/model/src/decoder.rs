@@ -5,10 +5,10 @@
 
 use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
 use burn::prelude::*;
-use burn::tensor::activation::gelu_approximate;
 
 use crate::attention::{attention, fused_attention, merge_heads, split_heads};
 use crate::dense::dense;
+use crate::grad;
 use crate::init::{embedding, layer_norm, linear};
 
 /// LayerNorm epsilon of every decoder norm.
@@ -95,6 +95,11 @@ fn ln<B: Backend>(d: usize, device: &B::Device) -> LayerNorm<B> {
     layer_norm(d, DECODER_LN_EPS, device)
 }
 
+/// A decoder norm of `x`.
+fn norm<B: Backend, const D: usize>(ln: &LayerNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    grad::layer_norm(ln, DECODER_LN_EPS, x)
+}
+
 impl<B: Backend> MultiHeadedAttention<B> {
     fn new(d: usize, heads: usize, dropout: f64, device: &B::Device) -> Self {
         MultiHeadedAttention {
@@ -155,9 +160,9 @@ impl<B: Backend> TransformerDecoderLayer<B> {
 
     fn feed_forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let f = &self.feed_forward;
-        let inner = f.dropout_1.forward(gelu_approximate(dense(
+        let inner = f.dropout_1.forward(grad::gelu_tanh(dense(
             &f.w_1,
-            f.layer_norm.forward(x.clone()),
+            norm(&f.layer_norm, x.clone()),
         )));
         f.dropout_2.forward(dense(&f.w_2, inner)) + x
     }
@@ -171,13 +176,13 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         self_mask: Tensor<B, 4, Bool>,
         src_mask: Tensor<B, 4, Bool>,
     ) -> Tensor<B, 3> {
-        let xn = self.layer_norm_1.forward(x.clone());
+        let xn = norm(&self.layer_norm_1, x.clone());
         let (k, v) = self.self_attn.keys_values(xn.clone());
         let a = self
             .self_attn
             .forward(self.self_attn.query(xn), k, v, self_mask);
         let q = self.drop.forward(a) + x;
-        let qn = self.layer_norm_2.forward(q.clone());
+        let qn = norm(&self.layer_norm_2, q.clone());
         let (mk, mv) = self.context_attn.keys_values(memory);
         let c = self
             .context_attn
@@ -194,7 +199,7 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         src_mask: &Tensor<B, 4, Bool>,
         beams: usize,
     ) -> Tensor<B, 3> {
-        let xn = self.layer_norm_1.forward(x.clone());
+        let xn = norm(&self.layer_norm_1, x.clone());
         let (k, v) = self.self_attn.keys_values(xn.clone());
         let (k, v) = match (cache.self_keys.take(), cache.self_values.take()) {
             (Some(pk), Some(pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
@@ -207,7 +212,7 @@ impl<B: Backend> TransformerDecoderLayer<B> {
             .self_attn
             .forward(self.self_attn.query(xn), k, v, input_pad);
         let q = self.drop.forward(a) + x;
-        let qn = self.layer_norm_2.forward(q.clone());
+        let qn = norm(&self.layer_norm_2, q.clone());
         // Beams of one source share its memory keys/values: the beams become query positions.
         // Every source has a visible key ([CLS]), so the fused op applies (it scales q itself).
         let [rows, _, d] = qn.dims();
@@ -352,7 +357,7 @@ impl<B: Backend> TransformerDecoder<B> {
         for layer in &self.transformer_layers {
             x = layer.forward(x, memory.clone(), self_mask.clone(), src_mask.clone());
         }
-        self.layer_norm.forward(x)
+        norm(&self.layer_norm, x)
     }
 
     /// A cache for `beams` rows per source; memory keys/values are projected here, once.
@@ -401,6 +406,6 @@ impl<B: Backend> TransformerDecoder<B> {
             x = layer.step(x, lc, input_pad.clone(), &src_mask, beams);
         }
         cache.step += 1;
-        self.layer_norm.forward(x).reshape([rows, self.d_model])
+        norm(&self.layer_norm, x).reshape([rows, self.d_model])
     }
 }

@@ -9,13 +9,13 @@
 //! the leading axes into rows gives one GEMM forward and one per gradient, with the same
 //! arithmetic per output element.
 
-use std::any::{Any, TypeId};
-use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::FloatDType;
+
+use crate::registry::PerBackend;
 
 /// The float type of matrix products; 0 when they use their operands' own type.
 static PRODUCT_DTYPE: AtomicU8 = AtomicU8::new(0);
@@ -71,19 +71,13 @@ pub fn product<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> 
 /// on CUDA). Operands may be transposed views.
 pub type Gemm<B> = fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>;
 
-/// The [`Gemm`] set for each backend type (a handful at most), and whether any is set.
-static GEMMS: RwLock<Vec<(TypeId, Box<dyn Any + Send + Sync>)>> = RwLock::new(Vec::new());
-static ANY_GEMM: AtomicBool = AtomicBool::new(false);
+/// The [`Gemm`] set for each backend type.
+static GEMMS: PerBackend = PerBackend::new();
 
 /// Routes the two-dimensional products of the linear layers and output projections on backend
 /// `B` through `gemm` (`None`: burn's matmul again). Attention's batched products keep burn's.
 pub fn set_gemm<B: Backend>(gemm: Option<Gemm<B>>) {
-    let mut gemms = GEMMS.write().unwrap_or_else(|e| e.into_inner());
-    gemms.retain(|(id, _)| *id != TypeId::of::<B>());
-    if let Some(gemm) = gemm {
-        gemms.push((TypeId::of::<B>(), Box::new(gemm)));
-    }
-    ANY_GEMM.store(!gemms.is_empty(), Ordering::Relaxed);
+    GEMMS.set::<B, _>(gemm);
 }
 
 /// Whether a [`Gemm`] is set for `B` (benchmarks report which products they measured).
@@ -93,14 +87,7 @@ pub fn has_gemm<B: Backend>() -> bool {
 
 /// The [`Gemm`] set for `B`, if any.
 fn gemm<B: Backend>() -> Option<Gemm<B>> {
-    if !ANY_GEMM.load(Ordering::Relaxed) {
-        return None;
-    }
-    let gemms = GEMMS.read().unwrap_or_else(|e| e.into_inner());
-    gemms
-        .iter()
-        .find(|(id, _)| *id == TypeId::of::<B>())
-        .and_then(|(_, gemm)| gemm.downcast_ref::<Gemm<B>>().copied())
+    GEMMS.get::<B, Gemm<B>>()
 }
 
 /// `a · b` for matrices, in the [`product_dtype`] and through the backend's [`Gemm`] if one

@@ -9,6 +9,7 @@ use burn::tensor::activation::gelu;
 use crate::attention::{attention, merge_heads, split_heads};
 use crate::config::BertConfig;
 use crate::dense::dense;
+use crate::grad;
 use crate::init::{embedding, layer_norm, linear};
 
 /// Word + position + token-type embeddings, LayerNorm, dropout.
@@ -22,6 +23,7 @@ pub struct BertEmbeddings<B: Backend> {
     pub token_type_embeddings: Embedding<B>,
     /// HF `LayerNorm`.
     pub layer_norm: LayerNorm<B>,
+    layer_norm_eps: f64,
     dropout: Dropout,
 }
 
@@ -61,13 +63,14 @@ pub struct BertOutput<B: Backend> {
     pub dense: Linear<B>,
     /// HF `LayerNorm`.
     pub layer_norm: LayerNorm<B>,
+    layer_norm_eps: f64,
     dropout: Dropout,
 }
 
 impl<B: Backend> BertOutput<B> {
     fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.layer_norm
-            .forward(self.dropout.forward(dense(&self.dense, x)) + residual)
+        let x = self.dropout.forward(dense(&self.dense, x)) + residual;
+        grad::layer_norm(&self.layer_norm, self.layer_norm_eps, x)
     }
 }
 
@@ -132,6 +135,7 @@ impl<B: Backend> BertModel<B> {
         let output = |i: usize| BertOutput {
             dense: linear(i, d, device),
             layer_norm: layer_norm(d, c.layer_norm_eps, device),
+            layer_norm_eps: c.layer_norm_eps,
             dropout: drop.clone(),
         };
         let layers = (0..c.num_hidden_layers)
@@ -158,6 +162,7 @@ impl<B: Backend> BertModel<B> {
                 position_embeddings: emb(c.max_position_embeddings),
                 token_type_embeddings: emb(c.type_vocab_size),
                 layer_norm: layer_norm(d, c.layer_norm_eps, device),
+                layer_norm_eps: c.layer_norm_eps,
                 dropout: drop.clone(),
             },
             encoder: BertEncoder { layer: layers },
@@ -170,7 +175,10 @@ impl<B: Backend> BertModel<B> {
     /// Encodes `src [b, s]` with `pad_mask [b, s]` (`true` at padding) into `[b, s, d]`.
     pub fn forward(&self, src: Tensor<B, 2, Int>, pad_mask: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
         let e = &self.embeddings;
-        let mut x = e.dropout.forward(e.layer_norm.forward(e.sum(src)));
+        let sum = e.sum(src);
+        let mut x = e
+            .dropout
+            .forward(grad::layer_norm(&e.layer_norm, e.layer_norm_eps, sum));
         // [b, 1, 1, s]: every query ignores padded keys.
         let mask = pad_mask.unsqueeze_dims::<4>(&[1, 2]);
         for layer in &self.encoder.layer {

@@ -18,10 +18,12 @@ pub mod decoder;
 pub mod dense;
 pub mod encoder;
 pub mod export;
+pub mod grad;
 pub mod import;
 mod init;
 pub mod mlm;
 pub mod palm;
+mod registry;
 
 pub use config::{BertConfig, ModelConfig, PalmConfig};
 pub use decoder::DecoderCache;

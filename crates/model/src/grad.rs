@@ -1,0 +1,379 @@
+//! Layer norm, softmax and tanh-GELU with their backward passes written out, for burn's
+//! autodiff backend.
+//!
+//! burn 0.21 differentiates these three through their decompositions: a layer norm becomes
+//! nine tracked operations, each keeping its inputs (the centred input, the variance, the
+//! normalised input …) and each adding passes over the activation to the backward step; a
+//! softmax becomes four, and the tanh approximation of GELU seven. Written out, a layer norm
+//! keeps the normalised input and the row's standard deviation and needs two row reductions,
+//! two column reductions and one element-wise pass backward; a softmax keeps its output and
+//! needs one reduction and one pass; GELU keeps its input and needs one pass.
+//!
+//! The model calls [`layer_norm`], [`softmax`] and [`gelu_tanh`]; on a backend where
+//! [`install`] put the written-out versions (the autodiff backends a binary trains on) they
+//! run, elsewhere burn's own (inference backends, tests of the decompositions). The forward
+//! values are the same operations in the same order as burn's.
+
+use burn::nn::LayerNorm;
+use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
+use burn::tensor::activation::gelu_approximate;
+use burn::tensor::ops::FloatTensor;
+use burn_autodiff::Autodiff;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+
+use crate::registry::PerBackend;
+
+/// `√(2/π)`, the tanh approximation's scale.
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+/// The cubic coefficient of the tanh approximation.
+const GELU_CUBIC: f64 = 0.044715;
+
+/// The written-out operations of one backend, on `[rows, d]` matrices.
+struct Written<B: Backend> {
+    layer_norm: fn(Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 1>, f64) -> Tensor<B, 2>,
+    softmax: fn(Tensor<B, 2>) -> Tensor<B, 2>,
+    gelu_tanh: fn(Tensor<B, 2>) -> Tensor<B, 2>,
+}
+
+// Function pointers are copies whatever `B` is (a derive would ask `B: Copy`).
+impl<B: Backend> Clone for Written<B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for Written<B> {}
+
+static WRITTEN: PerBackend = PerBackend::new();
+
+/// Puts the written-out backward passes on `Autodiff<I>` (`false`: burn's decompositions
+/// again).
+pub fn install<I: Backend>(on: bool) {
+    let written = Written::<Autodiff<I>> {
+        layer_norm: autodiff_layer_norm::<I>,
+        softmax: autodiff_softmax::<I>,
+        gelu_tanh: autodiff_gelu_tanh::<I>,
+    };
+    WRITTEN.set::<Autodiff<I>, _>(on.then_some(written));
+}
+
+/// Whether [`install`] put the written-out operations on `B`.
+pub fn installed<B: Backend>() -> bool {
+    WRITTEN.get::<B, Written<B>>().is_some()
+}
+
+/// `[.., d]` as `[rows, d]`, with the original dims to restore.
+fn rows<B: Backend, const D: usize>(x: Tensor<B, D>) -> (Tensor<B, 2>, [usize; D]) {
+    let dims = x.dims();
+    let d = dims[D - 1];
+    (
+        x.reshape([dims.iter().product::<usize>() / d.max(1), d]),
+        dims,
+    )
+}
+
+/// `ln(x)` over the last axis; `epsilon` must be the one `ln` was made with (burn keeps it
+/// private).
+pub fn layer_norm<B: Backend, const D: usize>(
+    ln: &LayerNorm<B>,
+    epsilon: f64,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    match (WRITTEN.get::<B, Written<B>>(), &ln.beta) {
+        (Some(w), Some(beta)) => {
+            let (x, dims) = rows(x);
+            (w.layer_norm)(x, ln.gamma.val(), beta.val(), epsilon).reshape(dims)
+        }
+        _ => ln.forward(x),
+    }
+}
+
+/// Softmax over the last axis.
+pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match WRITTEN.get::<B, Written<B>>() {
+        Some(w) => {
+            let (x, dims) = rows(x);
+            (w.softmax)(x).reshape(dims)
+        }
+        None => burn::tensor::activation::softmax(x, D - 1),
+    }
+}
+
+/// GELU's tanh approximation, `x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
+pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match WRITTEN.get::<B, Written<B>>() {
+        Some(w) => {
+            let (x, dims) = rows(x);
+            (w.gelu_tanh)(x).reshape(dims)
+        }
+        None => gelu_approximate(x),
+    }
+}
+
+fn wrap<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// burn's layer norm forward on the inner backend, with what the backward pass needs: the
+/// normalised input and the row's `√(var + ε)`.
+fn layer_norm_parts<I: Backend>(
+    x: Tensor<I, 2>,
+    gamma: Tensor<I, 1>,
+    beta: Tensor<I, 1>,
+    epsilon: f64,
+) -> (Tensor<I, 2>, Tensor<I, 2>, Tensor<I, 2>) {
+    let mean = x.clone().mean_dim(1);
+    let centered = x - mean;
+    let var = (centered.clone() * centered.clone()).mean_dim(1);
+    let denom = var.add_scalar(epsilon).sqrt();
+    let normalized = centered / denom.clone();
+    let y = normalized.clone() * gamma.unsqueeze::<2>() + beta.unsqueeze::<2>();
+    (y, normalized, denom)
+}
+
+fn autodiff_layer_norm<I: Backend>(
+    x: Tensor<Autodiff<I>, 2>,
+    gamma: Tensor<Autodiff<I>, 1>,
+    beta: Tensor<Autodiff<I>, 1>,
+    epsilon: f64,
+) -> Tensor<Autodiff<I>, 2> {
+    #[derive(Debug)]
+    struct LayerNormBackward;
+
+    impl<I: Backend> Backward<I, 3> for LayerNormBackward {
+        /// The normalised input, `√(var + ε)` per row and γ.
+        type State = (FloatTensor<I>, FloatTensor<I>, FloatTensor<I>);
+
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let g: Tensor<I, 2> = wrap(grads.consume::<I>(&ops.node));
+            let (normalized, denom, gamma) = ops.state;
+            let (normalized, denom) = (wrap::<I, 2>(normalized), wrap::<I, 2>(denom));
+            let [x, gamma_node, beta_node] = ops.parents;
+            if let Some(node) = beta_node {
+                grads.register::<I>(node.id, prim(g.clone().sum_dim(0).squeeze_dim::<1>(0)));
+            }
+            if let Some(node) = gamma_node {
+                let dgamma = (g.clone() * normalized.clone()).sum_dim(0);
+                grads.register::<I>(node.id, prim(dgamma.squeeze_dim::<1>(0)));
+            }
+            if let Some(node) = x {
+                // dx = (ĝ − mean(ĝ) − x̂ · mean(ĝ x̂)) / σ with ĝ = g γ, per row.
+                let gn = g * wrap::<I, 1>(gamma).unsqueeze::<2>();
+                let mean_g = gn.clone().mean_dim(1);
+                let mean_gx = (gn.clone() * normalized.clone()).mean_dim(1);
+                let dx = (gn - mean_g - normalized * mean_gx) / denom;
+                grads.register::<I>(node.id, prim(dx));
+            }
+        }
+    }
+
+    let (xp, gp, bp) = (
+        x.into_primitive().tensor(),
+        gamma.into_primitive().tensor(),
+        beta.into_primitive().tensor(),
+    );
+    let (y, normalized, denom) = layer_norm_parts::<I>(
+        wrap(xp.primitive.clone()),
+        wrap(gp.primitive.clone()),
+        wrap(bp.primitive.clone()),
+        epsilon,
+    );
+    let out = match LayerNormBackward
+        .prepare::<NoCheckpointing>([xp.node.clone(), gp.node.clone(), bp.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            (prim(normalized), prim(denom), gp.primitive.clone()),
+            prim(y),
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(prim(y)),
+    };
+    wrap(out)
+}
+
+fn autodiff_softmax<I: Backend>(x: Tensor<Autodiff<I>, 2>) -> Tensor<Autodiff<I>, 2> {
+    #[derive(Debug)]
+    struct SoftmaxBackward;
+
+    impl<I: Backend> Backward<I, 1> for SoftmaxBackward {
+        /// The output.
+        type State = FloatTensor<I>;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let g: Tensor<I, 2> = wrap(grads.consume::<I>(&ops.node));
+            let [x] = ops.parents;
+            if let Some(node) = x {
+                // dx = y (g − Σ g y), per row.
+                let y: Tensor<I, 2> = wrap(ops.state);
+                let dot = (g.clone() * y.clone()).sum_dim(1);
+                grads.register::<I>(node.id, prim(y * (g - dot)));
+            }
+        }
+    }
+
+    let xp = x.into_primitive().tensor();
+    let y = burn::tensor::activation::softmax(wrap::<I, 2>(xp.primitive.clone()), 1);
+    let out = match SoftmaxBackward
+        .prepare::<NoCheckpointing>([xp.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let y = prim(y);
+            prep.finish(y.clone(), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(prim(y)),
+    };
+    wrap(out)
+}
+
+fn autodiff_gelu_tanh<I: Backend>(x: Tensor<Autodiff<I>, 2>) -> Tensor<Autodiff<I>, 2> {
+    #[derive(Debug)]
+    struct GeluTanhBackward;
+
+    impl<I: Backend> Backward<I, 1> for GeluTanhBackward {
+        /// The input.
+        type State = FloatTensor<I>;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let g: Tensor<I, 2> = wrap(grads.consume::<I>(&ops.node));
+            let [parent] = ops.parents;
+            if let Some(node) = parent {
+                // With t = tanh(u), u = c (x + a x³):
+                // d/dx = (1 + t)/2 + x/2 · (1 − t²) · c (1 + 3a x²).
+                let x: Tensor<I, 2> = wrap(ops.state);
+                let x2 = x.clone() * x.clone();
+                let u = (x.clone() + x.clone() * x2.clone() * GELU_CUBIC) * SQRT_2_OVER_PI;
+                let t = u.tanh();
+                let du = (x2 * (3.0 * GELU_CUBIC) + 1.0) * SQRT_2_OVER_PI;
+                let d = (t.clone() + 1.0) * 0.5 + x * 0.5 * (-(t.clone() * t) + 1.0) * du;
+                grads.register::<I>(node.id, prim(g * d));
+            }
+        }
+    }
+
+    let xp = x.into_primitive().tensor();
+    let y = prim(gelu_approximate(wrap::<I, 2>(xp.primitive.clone())));
+    let out = match GeluTanhBackward
+        .prepare::<NoCheckpointing>([xp.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(xp.primitive.clone(), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    wrap(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::LayerNormConfig;
+    use burn::tensor::Distribution;
+    use burn::tensor::Tolerance;
+    use burn_ndarray::{NdArray, NdArrayDevice};
+
+    use std::sync::Mutex;
+
+    /// A backend type no other test of the crate uses (installing is process-wide), and a
+    /// lock so that these tests do not install at once. Tensors are f32 all the same (burn's
+    /// default float type), so the written-out and decomposed gradients agree to rounding.
+    type I = NdArray<f64>;
+    type A = Autodiff<I>;
+    static LOCK: Mutex<()> = Mutex::new(());
+
+    /// `f` with burn's decompositions and with the written-out backward passes: the values and
+    /// the gradients of the input and of `params` (all tracked) must agree.
+    fn same_values_and_gradients<const D: usize>(
+        input: Tensor<A, D>,
+        params: Vec<Tensor<A, 1>>,
+        f: impl Fn(Tensor<A, D>, &[Tensor<A, 1>]) -> Tensor<A, D>,
+    ) {
+        let _lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let run = |written: bool| {
+            install::<I>(written);
+            assert_eq!(installed::<A>(), written);
+            let x = input.clone().detach().require_grad();
+            let ps: Vec<_> = params
+                .iter()
+                .map(|p| p.clone().detach().require_grad())
+                .collect();
+            let y = f(x.clone(), &ps);
+            // A loss that weighs every output differently, so no gradient cancels out.
+            let weights = Tensor::<A, D>::random(y.dims(), Distribution::Default, &y.device());
+            let grads = (y.clone() * weights.detach()).sum().backward();
+            let mut all = vec![x.grad(&grads).expect("input gradient").into_data()];
+            all.extend(
+                ps.iter()
+                    .map(|p| p.grad(&grads).expect("gradient").into_data()),
+            );
+            (y.into_data(), all)
+        };
+        <A as Backend>::seed(&NdArrayDevice::Cpu, 7);
+        let (y_burn, g_burn) = run(false);
+        <A as Backend>::seed(&NdArrayDevice::Cpu, 7);
+        let (y_written, g_written) = run(true);
+        install::<I>(false);
+        let tolerance = Tolerance::absolute(2e-6);
+        y_written.assert_approx_eq::<f32>(&y_burn, tolerance);
+        assert_eq!(g_written.len(), g_burn.len());
+        for (w, b) in g_written.iter().zip(&g_burn) {
+            w.assert_approx_eq::<f32>(b, tolerance);
+        }
+    }
+
+    fn normal<const D: usize>(shape: [usize; D], scale: f64) -> Tensor<A, D> {
+        Tensor::random(shape, Distribution::Normal(0.0, scale), &NdArrayDevice::Cpu)
+    }
+
+    #[test]
+    fn layer_norm_has_burns_values_and_gradients() {
+        let ln = LayerNormConfig::new(24)
+            .with_epsilon(1e-6)
+            .init::<A>(&NdArrayDevice::Cpu);
+        let (gamma, beta) = (normal([24], 1.0).add_scalar(1.0), normal([24], 0.5));
+        same_values_and_gradients(
+            normal([3, 5, 24], 2.0).add_scalar(0.3),
+            vec![gamma, beta],
+            |x, p| {
+                let mut ln = ln.clone();
+                ln.gamma = burn::module::Param::from_tensor(p[0].clone());
+                ln.beta = Some(burn::module::Param::from_tensor(p[1].clone()));
+                layer_norm(&ln, 1e-6, x)
+            },
+        );
+    }
+
+    #[test]
+    fn softmax_has_burns_values_and_gradients() {
+        // Attention-like scores, masked keys included.
+        let x = normal([2, 3, 4, 9], 3.0);
+        let mask = normal([2, 1, 1, 9], 1.0).greater_elem(1.0);
+        same_values_and_gradients(x, vec![], |x, _| {
+            softmax(x.mask_fill(mask.clone().expand([2, 3, 4, 9]), -1e18))
+        });
+    }
+
+    #[test]
+    fn gelu_tanh_has_burns_values_and_gradients() {
+        same_values_and_gradients(normal([4, 33], 3.0), vec![], |x, _| gelu_tanh(x));
+    }
+
+    #[test]
+    fn inference_backends_keep_burns_operations() {
+        let _lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        install::<I>(true);
+        assert!(installed::<A>());
+        assert!(!installed::<I>(), "installed on the inner backend");
+        install::<I>(false);
+        assert!(!installed::<A>());
+    }
+}
