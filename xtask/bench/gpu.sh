@@ -6,10 +6,14 @@
 # Part: all | checks | palm | torch | probe (cold start vs a warm kernel cache) | profile
 # (device time per kernel, CubeCL's log) | ncu (Nsight Compute: every kernel of one training
 # step, cuBLASLt's included, with launch shapes and DRAM/SM throughput).
+# Knobs (environment): PRECISIONS and MODES (palm's and PyTorch's float settings),
+# TRAIN_BATCHES, NODROP_BATCHES (also without dropout on both sides), DECODE=0 (training
+# only), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks), DEMO_ARGS, *_TIMEOUT; palm's own
+# switches pass through (PALM_GEMM=burn, PALM_BACKWARD=burn, PALM_GEMM_MIN_MACS).
 set -uo pipefail
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 PALM=${PALM:-.devcarry/palm}
-[[ ! -x $PALM && -f $PALM.gz ]] && gunzip -kf "$PALM.gz"
+[[ ! -x $PALM && -f $PALM.gz ]] && gunzip -kf "$PALM.gz" && chmod +x "$PALM"
 OUT=${OUT:-/tmp/palm-bench}
 W=$(mktemp -d)
 PART=${1:-all}
@@ -117,7 +121,7 @@ if [[ $PART == ncu ]]; then
     done
     python3 xtask/bench/ncu_summary.py "$W"/ncu_*.csv > "$OUT/ncu_train.txt"
 fi
-if [[ $PART == all || $PART == checks ]]; then
+if [[ $PART == all || ($PART == checks && ${FIXTURE:-1} == 1) ]]; then
     # CUDA against CPU on the unseen fixture model: per-row NLL and beam outputs.
     M=crates/model/tests/fixtures/unseen
     python3 -c "import json; g=json.load(open('$M/golden.json'))
@@ -177,16 +181,17 @@ if [[ $PART == all || $PART == palm ]]; then
         [[ -n ${NODROP_BATCHES:-} ]] && peak timeout ${TRAIN_TIMEOUT:-240} $PALM bench train \
             --device cuda --precision $prec --dropout 0 --batch-size $NODROP_BATCHES --steps 10 \
             --warmup-steps 3 >> "$R" 2>> "$L"
-        peak timeout ${DECODE_TIMEOUT:-150} $PALM bench decode --device cuda --precision $prec --batch-size 1,64 \
-            --steps 3 --warmup-steps 1 >> "$R" 2>> "$L"
+        [[ ${DECODE:-1} == 1 ]] && peak timeout ${DECODE_TIMEOUT:-150} $PALM bench decode --device cuda \
+            --precision $prec --batch-size 1,64 --steps 3 --warmup-steps 1 >> "$R" 2>> "$L"
     done
 fi
 if [[ $PART == all || $PART == torch ]]; then
     for mode in ${MODES:-fp32 tf32 bf16}; do
-        timeout ${TORCH_TIMEOUT:-240} python3 xtask/bench/torch_palm.py train --mode $mode --batch-size 8,64,256 >> "$R" 2>> "$L"
+        timeout ${TORCH_TIMEOUT:-240} python3 xtask/bench/torch_palm.py train --mode $mode \
+            --batch-size ${TRAIN_BATCHES:-8,64,256} >> "$R" 2>> "$L"
         [[ -n ${NODROP_BATCHES:-} ]] && timeout ${TORCH_TIMEOUT:-240} python3 xtask/bench/torch_palm.py \
             train --mode $mode --dropout 0 --batch-size $NODROP_BATCHES >> "$R" 2>> "$L"
-        timeout 150 python3 xtask/bench/torch_palm.py decode --mode $mode --batch-size 1,64 \
+        [[ ${DECODE:-1} == 1 ]] && timeout 150 python3 xtask/bench/torch_palm.py decode --mode $mode --batch-size 1,64 \
             --steps 3 --warmup-steps 1 >> "$R" 2>> "$L"
     done
 fi

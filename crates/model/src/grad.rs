@@ -32,11 +32,18 @@ const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 /// The cubic coefficient of the tanh approximation.
 const GELU_CUBIC: f64 = 0.044715;
 
+/// A layer norm of `[rows, d]` with γ, β and ε.
+type LayerNormFn<B> = fn(Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 1>, f64) -> Tensor<B, 2>;
+
+/// A smoothed cross-entropy of logits `[rows, V]` against ids `[rows]` with the PAD id and ε.
+type CrossEntropyFn<B> = fn(Tensor<B, 2>, Tensor<B, 1, Int>, usize, f64) -> Tensor<B, 1>;
+
 /// The written-out operations of one backend, on `[rows, d]` matrices.
 struct Written<B: Backend> {
-    layer_norm: fn(Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 1>, f64) -> Tensor<B, 2>,
+    layer_norm: LayerNormFn<B>,
     softmax: fn(Tensor<B, 2>) -> Tensor<B, 2>,
     gelu_tanh: fn(Tensor<B, 2>) -> Tensor<B, 2>,
+    cross_entropy: CrossEntropyFn<B>,
 }
 
 // Function pointers are copies whatever `B` is (a derive would ask `B: Copy`).
@@ -56,6 +63,7 @@ pub fn install<I: Backend>(on: bool) {
         layer_norm: autodiff_layer_norm::<I>,
         softmax: autodiff_softmax::<I>,
         gelu_tanh: autodiff_gelu_tanh::<I>,
+        cross_entropy: autodiff_smoothed_cross_entropy::<I>,
     };
     WRITTEN.set::<Autodiff<I>, _>(on.then_some(written));
 }
@@ -111,6 +119,36 @@ pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
         }
         None => gelu_approximate(x),
     }
+}
+
+/// Per row of logits `z [rows, V]`, the cross-entropy `−Σ_v q_v log softmax(z)_v` against the
+/// smoothed target of `gold [rows]`: `1 − ε` on the gold id, `ε / (V − 2)` on every other id
+/// but `pad`, 0 on `pad` (ε = 0: the gold id's negative log-probability). Rows whose gold id
+/// is `pad` get a value the caller must mask. `None` where [`install`] did not put the
+/// written-out version on `B` (the caller then uses its own decomposition).
+///
+/// Written out, its backward pass is one element-wise pass over the logits,
+/// `g · (softmax(z) − q)`, where the decomposition scatters and slices into `[rows, V]` zeros
+/// and sums four such tensors.
+pub fn smoothed_cross_entropy<B: Backend>(
+    z: Tensor<B, 2>,
+    gold: Tensor<B, 1, Int>,
+    pad: usize,
+    smoothing: f64,
+) -> Option<Tensor<B, 1>> {
+    WRITTEN
+        .get::<B, Written<B>>()
+        .map(|w| (w.cross_entropy)(z, gold, pad, smoothing))
+}
+
+/// The smoothed target's weights: (on the gold id, on every other id but PAD).
+fn target_weights(smoothing: f64, vocab: usize) -> (f64, f64) {
+    let other = if smoothing > 0.0 {
+        smoothing / (vocab as f64 - 2.0)
+    } else {
+        0.0
+    };
+    (1.0 - smoothing, other)
 }
 
 fn wrap<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
@@ -273,6 +311,87 @@ fn autodiff_gelu_tanh<I: Backend>(x: Tensor<Autodiff<I>, 2>) -> Tensor<Autodiff<
     wrap(out)
 }
 
+fn autodiff_smoothed_cross_entropy<I: Backend>(
+    z: Tensor<Autodiff<I>, 2>,
+    gold: Tensor<Autodiff<I>, 1, Int>,
+    pad: usize,
+    smoothing: f64,
+) -> Tensor<Autodiff<I>, 1> {
+    #[derive(Debug)]
+    struct CrossEntropyBackward;
+
+    impl<I: Backend> Backward<I, 1> for CrossEntropyBackward {
+        /// The logits, their row log-sum-exp `[rows, 1]`, the gold ids, PAD and ε.
+        type State = (
+            FloatTensor<I>,
+            FloatTensor<I>,
+            burn::tensor::ops::IntTensor<I>,
+            usize,
+            f64,
+        );
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let g: Tensor<I, 1> = wrap(grads.consume::<I>(&ops.node));
+            let [parent] = ops.parents;
+            let Some(node) = parent else { return };
+            let (z, lse, gold, pad, smoothing) = ops.state;
+            let (z, lse) = (wrap::<I, 2>(z), wrap::<I, 2>(lse));
+            let gold = Tensor::<I, 1, Int>::from_primitive(gold);
+            let [rows, vocab] = z.dims();
+            let (on_gold, other) = target_weights(smoothing, vocab);
+            let ids = Tensor::<I, 1, Int>::arange(0..vocab as i64, &z.device()).unsqueeze::<2>();
+            let is_gold = ids
+                .clone()
+                .expand([rows, vocab])
+                .equal(gold.unsqueeze_dim::<2>(1).expand([rows, vocab]))
+                .float();
+            // q = s off PAD and off gold, 1 − ε on gold, 0 on PAD (a gold PAD row is masked
+            // by the caller, so its target does not matter).
+            let not_pad = ids.not_equal_elem(pad as i64).float();
+            let q = not_pad * other + is_gold * (on_gold - other);
+            let dz = ((z - lse).exp() - q) * g.unsqueeze_dim::<2>(1);
+            grads.register::<I>(node.id, prim(dz));
+        }
+    }
+
+    let zp = z.into_primitive().tensor();
+    let gold = Tensor::<I, 1, Int>::from_primitive(gold.into_primitive());
+    let z_inner: Tensor<I, 2> = wrap(zp.primitive.clone());
+    let [rows, vocab] = z_inner.dims();
+    let (on_gold, other) = target_weights(smoothing, vocab);
+    let max = z_inner.clone().max_dim(1);
+    let lse = (z_inner.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let z_gold = z_inner
+        .clone()
+        .gather(1, gold.clone().unsqueeze_dim::<2>(1));
+    // −Σ q (z − lse) = lse · Σq − Σ q z, and Σq = 1 on the rows that count.
+    let mut ce = lse.clone() - z_gold.clone() * on_gold;
+    if other > 0.0 {
+        let z_pad = z_inner.clone().slice(s![.., pad..pad + 1]);
+        let rest = z_inner.clone().sum_dim(1) - z_gold - z_pad;
+        ce = ce - rest * other;
+    }
+    let ce = prim(ce.reshape([rows]));
+    let out = match CrossEntropyBackward
+        .prepare::<NoCheckpointing>([zp.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            (
+                zp.primitive.clone(),
+                prim(lse),
+                gold.into_primitive(),
+                pad,
+                smoothing,
+            ),
+            ce,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(ce),
+    };
+    wrap(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,9 +426,14 @@ mod tests {
                 .map(|p| p.clone().detach().require_grad())
                 .collect();
             let y = f(x.clone(), &ps);
-            // A loss that weighs every output differently, so no gradient cancels out.
-            let weights = Tensor::<A, D>::random(y.dims(), Distribution::Default, &y.device());
-            let grads = (y.clone() * weights.detach()).sum().backward();
+            // A loss that weighs every output differently, so no gradient cancels out (fixed
+            // numbers: the backend's random generator is shared with concurrent tests).
+            let n = y.shape().num_elements();
+            let w: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 23) as f32 / 11.0 - 1.0)
+                .collect();
+            let weights = Tensor::<A, 1>::from_data(TensorData::new(w, [n]), &y.device());
+            let grads = (y.clone() * weights.reshape(y.dims())).sum().backward();
             let mut all = vec![x.grad(&grads).expect("input gradient").into_data()];
             all.extend(
                 ps.iter()
@@ -317,9 +441,7 @@ mod tests {
             );
             (y.into_data(), all)
         };
-        <A as Backend>::seed(&NdArrayDevice::Cpu, 7);
         let (y_burn, g_burn) = run(false);
-        <A as Backend>::seed(&NdArrayDevice::Cpu, 7);
         let (y_written, g_written) = run(true);
         install::<I>(false);
         let tolerance = Tolerance::absolute(2e-6);
@@ -365,6 +487,65 @@ mod tests {
     #[test]
     fn gelu_tanh_has_burns_values_and_gradients() {
         same_values_and_gradients(normal([4, 33], 3.0), vec![], |x, _| gelu_tanh(x));
+    }
+
+    #[test]
+    fn smoothed_cross_entropy_has_the_decompositions_values_and_gradients() {
+        let _lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let device = NdArrayDevice::Cpu;
+        let (rows, vocab, pad) = (6, 9, 0);
+        // Row 3's gold id is PAD: masked below, as the loss masks it.
+        let ids = vec![4i64, 1, 8, 0, 2, 4];
+        let gold = Tensor::<A, 1, Int>::from_data(TensorData::new(ids.clone(), [rows]), &device);
+        let keep: Vec<f32> = ids.iter().map(|&i| f32::from(i != 0)).collect();
+        let keep = Tensor::<A, 1>::from_data(TensorData::new(keep, [rows]), &device);
+        for smoothing in [0.0, 0.1] {
+            let (on_gold, other) = target_weights(smoothing, vocab);
+            // q as a dense tensor: the decomposition's target.
+            let mut q = vec![0.0f32; rows * vocab];
+            for (r, &g) in ids.iter().enumerate() {
+                for v in 0..vocab {
+                    q[r * vocab + v] = if v == g as usize {
+                        on_gold as f32
+                    } else if v == pad {
+                        0.0
+                    } else {
+                        other as f32
+                    };
+                }
+            }
+            let q = Tensor::<A, 2>::from_data(TensorData::new(q, [rows, vocab]), &device);
+            let z0 = normal([rows, vocab], 3.0);
+            let run = |written: bool| {
+                install::<I>(written);
+                let z = z0.clone().detach().require_grad();
+                let ce = if written {
+                    smoothed_cross_entropy(z.clone(), gold.clone(), pad, smoothing)
+                        .expect("installed")
+                } else {
+                    assert!(smoothed_cross_entropy(z.clone(), gold.clone(), pad, 0.1).is_none());
+                    let lp = burn::tensor::activation::log_softmax(z.clone(), 1);
+                    (lp * q.clone()).sum_dim(1).reshape([rows]).neg()
+                };
+                let ce = ce * keep.clone();
+                // Different upstream gradients per row, as a weighted mean would give.
+                let w = Tensor::<A, 1>::from_data(
+                    TensorData::new(vec![1.0f32, -2.0, 0.5, 3.0, 1.5, -1.0], [rows]),
+                    &device,
+                );
+                let grads = (ce.clone() * w).sum().backward();
+                (
+                    ce.into_data(),
+                    z.grad(&grads).expect("gradient").into_data(),
+                )
+            };
+            let (ce_burn, g_burn) = run(false);
+            let (ce_written, g_written) = run(true);
+            install::<I>(false);
+            let tolerance = Tolerance::absolute(2e-5);
+            ce_written.assert_approx_eq::<f32>(&ce_burn, tolerance);
+            g_written.assert_approx_eq::<f32>(&g_burn, tolerance);
+        }
     }
 
     #[test]

@@ -64,7 +64,8 @@ impl LabelSmoothedLoss {
     /// the log-probabilities: with `lse` the row's log-sum-exp, `lp[v] = z[v] − lse`, so the
     /// loss needs only `z[gold]`, `z[PAD]`, `Σ_v z[v]` and `lse`, reductions of the logits.
     /// Training uses it; its gradient equals [`LabelSmoothedLoss::forward`]'s through a
-    /// log-softmax.
+    /// log-softmax. On a backend with `palm_model::grad`'s written-out operations installed,
+    /// the cross-entropy and its one-pass backward come from there.
     pub fn forward_logits<B: Backend>(
         &self,
         logits: Tensor<B, 3>,
@@ -72,9 +73,39 @@ impl LabelSmoothedLoss {
     ) -> LossOutput<B> {
         let [b, t, v] = logits.dims();
         let z = logits.reshape([b * t, v]);
+        let gold = gold.reshape([b * t]);
+        let pad = usize::try_from(self.pad).ok().filter(|&p| p < v);
+        if let Some(pad) = pad
+            && let Some(ce) = palm_model::grad::smoothed_cross_entropy(
+                z.clone(),
+                gold.clone(),
+                pad,
+                self.smoothing,
+            )
+        {
+            let per_row = if self.smoothing > 0.0 {
+                ce.add_scalar(self.entropy_term())
+            } else {
+                ce
+            };
+            return Self::masked_sum(per_row, gold, self.pad);
+        }
         let max = z.clone().detach().max_dim(1);
         let lse = ((z.clone() - max.clone()).exp().sum_dim(1).log() + max).reshape([b * t]);
-        self.rows(z, Some(lse), gold.reshape([b * t]))
+        self.rows(z, Some(lse), gold)
+    }
+
+    /// The sum of `per_row` over the rows whose gold id is not `pad`, and their count.
+    fn masked_sum<B: Backend>(
+        per_row: Tensor<B, 1>,
+        gold: Tensor<B, 1, Int>,
+        pad: i64,
+    ) -> LossOutput<B> {
+        let keep = gold.not_equal_elem(pad).float();
+        LossOutput {
+            sum: (per_row * keep.clone()).sum(),
+            tokens: keep.sum(),
+        }
     }
 
     /// The loss of rows `x [n, V]` whose log-probabilities are `x − offset` (no offset: `x`
@@ -90,9 +121,10 @@ impl LabelSmoothedLoss {
             Some(o) => t - o.clone().mul_scalar(times),
             None => t,
         };
-        let keep = gold.clone().not_equal_elem(self.pad).float();
         let lp_gold = shifted(
-            x.clone().gather(1, gold.unsqueeze_dim::<2>(1)).reshape([n]),
+            x.clone()
+                .gather(1, gold.clone().unsqueeze_dim::<2>(1))
+                .reshape([n]),
             1.0,
         );
         let conf = 1.0 - self.smoothing;
@@ -106,10 +138,7 @@ impl LabelSmoothedLoss {
         } else {
             lp_gold.neg()
         };
-        LossOutput {
-            sum: (per_row * keep.clone()).sum(),
-            tokens: keep.sum(),
-        }
+        Self::masked_sum(per_row, gold, self.pad)
     }
 }
 
@@ -142,19 +171,34 @@ mod tests {
 
     #[test]
     fn the_loss_from_logits_equals_the_loss_from_log_probs_with_its_gradient() {
+        the_loss_from_logits_matches::<B>(false);
+    }
+
+    /// The same with `palm_model::grad`'s written-out cross-entropy installed (on a backend
+    /// type no other test here uses: installing is process-wide).
+    #[test]
+    fn the_written_out_loss_from_logits_equals_the_loss_from_log_probs_with_its_gradient() {
+        the_loss_from_logits_matches::<NdArray<f64>>(true);
+    }
+
+    fn the_loss_from_logits_matches<B: Backend<Device = NdArrayDevice>>(written: bool) {
         use burn::tensor::Distribution;
         use burn::tensor::activation::log_softmax;
-        type A = burn_autodiff::Autodiff<B>;
+        type A<B> = burn_autodiff::Autodiff<B>;
+        palm_model::grad::install::<B>(written);
+        assert_eq!(palm_model::grad::installed::<A<B>>(), written);
         let d = NdArrayDevice::Cpu;
-        let gold =
-            Tensor::<A, 2, Int>::from_data(TensorData::new(vec![3i64, 0, 5, 1, 2, 0], [2, 3]), &d);
+        let gold = Tensor::<A<B>, 2, Int>::from_data(
+            TensorData::new(vec![3i64, 0, 5, 1, 2, 0], [2, 3]),
+            &d,
+        );
         for smoothing in [0.0, 0.1] {
             let loss = LabelSmoothedLoss {
                 smoothing,
                 vocab_size: 7,
                 pad: 0,
             };
-            let z = Tensor::<A, 3>::random([2, 3, 7], Distribution::Normal(0.0, 3.0), &d)
+            let z = Tensor::<A<B>, 3>::random([2, 3, 7], Distribution::Normal(0.0, 3.0), &d)
                 .require_grad();
             let a = loss.forward_logits(z.clone(), gold.clone());
             let b = loss.forward(log_softmax(z.clone(), 2), gold.clone());
