@@ -28,7 +28,7 @@ pub fn attention<B: Backend>(
         let shape = scores.dims();
         scores = scores.mask_fill(mask.expand(shape), MASK_FILL);
     }
-    let probs = dropout.forward(crate::grad::softmax(scores));
+    let probs = crate::grad::dropout(dropout, crate::grad::softmax(scores));
     product(probs, v)
 }
 

@@ -160,11 +160,11 @@ impl<B: Backend> TransformerDecoderLayer<B> {
 
     fn feed_forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let f = &self.feed_forward;
-        let inner = f.dropout_1.forward(grad::gelu_tanh(dense(
-            &f.w_1,
-            norm(&f.layer_norm, x.clone()),
-        )));
-        f.dropout_2.forward(dense(&f.w_2, inner)) + x
+        let inner = grad::dropout(
+            &f.dropout_1,
+            grad::gelu_tanh(dense(&f.w_1, norm(&f.layer_norm, x.clone()))),
+        );
+        grad::dropout(&f.dropout_2, dense(&f.w_2, inner)) + x
     }
 
     /// Teacher-forced layer: `x [b, t, d]`, `memory [b, s, d]`, `self_mask [b, 1, t, t]`,
@@ -181,13 +181,13 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         let a = self
             .self_attn
             .forward(self.self_attn.query(xn), k, v, self_mask);
-        let q = self.drop.forward(a) + x;
+        let q = grad::dropout(&self.drop, a) + x;
         let qn = norm(&self.layer_norm_2, q.clone());
         let (mk, mv) = self.context_attn.keys_values(memory);
         let c = self
             .context_attn
             .forward(self.context_attn.query(qn), mk, mv, src_mask);
-        self.feed_forward(self.drop.forward(c) + q)
+        self.feed_forward(grad::dropout(&self.drop, c) + q)
     }
 
     /// One cached step for `rows = sources × beams` rows: `x [rows, 1, d]`.
@@ -211,7 +211,7 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         let a = self
             .self_attn
             .forward(self.self_attn.query(xn), k, v, input_pad);
-        let q = self.drop.forward(a) + x;
+        let q = grad::dropout(&self.drop, a) + x;
         let qn = norm(&self.layer_norm_2, q.clone());
         // Beams of one source share its memory keys/values: the beams become query positions.
         // Every source has a visible key ([CLS]), so the fused op applies (it scales q itself).
@@ -230,7 +230,7 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         );
         let ctx = ctx.swap_dims(1, 2).reshape([rows, 1, d]);
         let c = dense(&self.context_attn.final_linear, ctx);
-        self.feed_forward(self.drop.forward(c) + q)
+        self.feed_forward(grad::dropout(&self.drop, c) + q)
     }
 }
 
@@ -328,7 +328,7 @@ impl<B: Backend> TransformerDecoder<B> {
             .forward(tokens)
             .mul_scalar((self.d_model as f64).sqrt());
         let pos = self.pe.clone().slice(start..start + t).unsqueeze::<3>();
-        self.pos_dropout.forward(emb + pos)
+        grad::dropout(&self.pos_dropout, emb + pos)
     }
 
     /// Teacher-forced decoding of `tgt [b, t]` against `memory [b, s, d]`: the hidden states

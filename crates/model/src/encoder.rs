@@ -69,7 +69,7 @@ pub struct BertOutput<B: Backend> {
 
 impl<B: Backend> BertOutput<B> {
     fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.dropout.forward(dense(&self.dense, x)) + residual;
+        let x = grad::dropout(&self.dropout, dense(&self.dense, x)) + residual;
         grad::layer_norm(&self.layer_norm, self.layer_norm_eps, x)
     }
 }
@@ -176,9 +176,10 @@ impl<B: Backend> BertModel<B> {
     pub fn forward(&self, src: Tensor<B, 2, Int>, pad_mask: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
         let e = &self.embeddings;
         let sum = e.sum(src);
-        let mut x = e
-            .dropout
-            .forward(grad::layer_norm(&e.layer_norm, e.layer_norm_eps, sum));
+        let mut x = grad::dropout(
+            &e.dropout,
+            grad::layer_norm(&e.layer_norm, e.layer_norm_eps, sum),
+        );
         // [b, 1, 1, s]: every query ignores padded keys.
         let mask = pad_mask.unsqueeze_dims::<4>(&[1, 2]);
         for layer in &self.encoder.layer {

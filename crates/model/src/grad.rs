@@ -14,8 +14,9 @@
 //! run, elsewhere burn's own (inference backends, tests of the decompositions). The forward
 //! values are the same operations in the same order as burn's.
 
-use burn::nn::LayerNorm;
+use burn::nn::{Dropout, LayerNorm};
 use burn::prelude::*;
+use burn::tensor::Distribution;
 use burn::tensor::TensorPrimitive;
 use burn::tensor::activation::gelu_approximate;
 use burn::tensor::ops::FloatTensor;
@@ -97,6 +98,19 @@ pub fn layer_norm<B: Backend, const D: usize>(
         }
         _ => ln.forward(x),
     }
+}
+
+/// `dropout` in training, with the mask kept for the backward pass as one byte per element
+/// (a boolean) where burn's `Dropout` keeps the four-byte float mask it multiplies by: the
+/// same random numbers and the same values bit for bit (a kept element is `x · 1/(1 − p)` in
+/// both). Burn's own where the written-out operations are not installed, or outside training.
+pub fn dropout<B: Backend, const D: usize>(dropout: &Dropout, x: Tensor<B, D>) -> Tensor<B, D> {
+    if dropout.prob == 0.0 || !B::ad_enabled(&x.device()) || !installed::<B>() {
+        return dropout.forward(x);
+    }
+    let keep = 1.0 - dropout.prob;
+    let dropped = x.random_like(Distribution::Bernoulli(keep)).equal_elem(0.0);
+    x.mask_fill(dropped, 0.0) * (1.0 / keep)
 }
 
 /// Softmax over the last axis.
@@ -546,6 +560,37 @@ mod tests {
             ce_written.assert_approx_eq::<f32>(&ce_burn, tolerance);
             g_written.assert_approx_eq::<f32>(&g_burn, tolerance);
         }
+    }
+
+    #[test]
+    fn dropout_zeroes_or_scales_each_element_and_its_gradient_alike() {
+        let _lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        install::<I>(true);
+        let p = 0.3;
+        let n = 4000;
+        let x0: Vec<f32> = (0..n).map(|i| (i % 17) as f32 / 4.0 + 0.5).collect();
+        let x = Tensor::<A, 1>::from_data(TensorData::new(x0.clone(), [n]), &NdArrayDevice::Cpu)
+            .require_grad();
+        let y = dropout(&burn::nn::DropoutConfig::new(p).init(), x.clone());
+        let g = x
+            .grad(&(y.clone() * 2.0).sum().backward())
+            .expect("gradient");
+        install::<I>(false);
+        let y: Vec<f32> = y.into_data().to_vec().expect("f32");
+        let g: Vec<f32> = g.into_data().to_vec().expect("f32");
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let mut dropped = 0;
+        for i in 0..n {
+            if y[i] == 0.0 {
+                dropped += 1;
+                assert_eq!(g[i], 0.0, "a dropped element passes no gradient");
+            } else {
+                assert_eq!(y[i], x0[i] * scale);
+                assert_eq!(g[i], 2.0 * scale);
+            }
+        }
+        // 1,200 expected; four standard deviations are ±116.
+        assert!((1084..=1316).contains(&dropped), "{dropped} of {n} dropped");
     }
 
     #[test]
