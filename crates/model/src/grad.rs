@@ -17,9 +17,9 @@
 use burn::nn::{Dropout, LayerNorm};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use burn::tensor::TensorPrimitive;
 use burn::tensor::activation::gelu_approximate;
 use burn::tensor::ops::FloatTensor;
+use burn::tensor::{IndexingUpdateOp, TensorPrimitive};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
@@ -353,17 +353,22 @@ fn autodiff_smoothed_cross_entropy<I: Backend>(
             let gold = Tensor::<I, 1, Int>::from_primitive(gold);
             let [rows, vocab] = z.dims();
             let (on_gold, other) = target_weights(smoothing, vocab);
-            let ids = Tensor::<I, 1, Int>::arange(0..vocab as i64, &z.device()).unsqueeze::<2>();
-            let is_gold = ids
-                .clone()
-                .expand([rows, vocab])
-                .equal(gold.unsqueeze_dim::<2>(1).expand([rows, vocab]))
-                .float();
-            // q = s off PAD and off gold, 1 − ε on gold, 0 on PAD (a gold PAD row is masked
-            // by the caller, so its target does not matter).
-            let not_pad = ids.not_equal_elem(pad as i64).float();
-            let q = not_pad * other + is_gold * (on_gold - other);
-            let dz = ((z - lse).exp() - q) * g.unsqueeze_dim::<2>(1);
+            let device = z.device();
+            // dz = softmax(z) − q, with q = s everywhere, then 0 on PAD (a [1, V] row) and
+            // 1 − ε on the gold id (a scatter of one value per row): no [rows, V] target is
+            // formed. A gold PAD row is masked by the caller, so its target does not matter.
+            let pad_row = Tensor::<I, 1, Int>::arange(0..vocab as i64, &device)
+                .equal_elem(pad as i64)
+                .float()
+                .unsqueeze::<2>()
+                * other;
+            let dz = (z - lse).exp() - other + pad_row;
+            let dz = dz.scatter(
+                1,
+                gold.unsqueeze_dim::<2>(1),
+                Tensor::full([rows, 1], other - on_gold, &device),
+                IndexingUpdateOp::Add,
+            ) * g.unsqueeze_dim::<2>(1);
             grads.register::<I>(node.id, prim(dz));
         }
     }
