@@ -79,9 +79,7 @@ fn config(args: &Args) -> ModelConfig {
         _ => ModelConfig::base_zh(),
     };
     if let Some(p) = args.dropout {
-        mc.palm.dec_dropout = p;
-        mc.encoder.hidden_dropout_prob = p;
-        mc.encoder.attention_probs_dropout_prob = p;
+        mc.set_dropout(p);
     }
     mc
 }

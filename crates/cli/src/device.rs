@@ -97,8 +97,8 @@ impl Target {
     }
 }
 
-/// Puts the written-out backward passes of layer norm, softmax and tanh-GELU
-/// (`palm_model::grad`) on backend `B`'s autodiff, unless `PALM_BACKWARD=burn` (burn's
+/// Puts the written-out backward passes of layer norm, softmax, tanh-GELU, dropout and the
+/// loss (`palm_model::grad`) on backend `B`'s autodiff, unless `PALM_BACKWARD=burn` (burn's
 /// decompositions, for comparison).
 pub fn install_backward<B: burn::prelude::Backend>() {
     let burn = std::env::var("PALM_BACKWARD").is_ok_and(|v| v == "burn");

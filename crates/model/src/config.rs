@@ -172,6 +172,14 @@ impl ModelConfig {
         }
     }
 
+    /// Sets every training dropout, the encoder's (hidden and attention) and the decoder's, to
+    /// `p` (`--dropout`).
+    pub fn set_dropout(&mut self, p: f64) {
+        self.palm.dec_dropout = p;
+        self.encoder.hidden_dropout_prob = p;
+        self.encoder.attention_probs_dropout_prob = p;
+    }
+
     /// Reads `config.json` of a ModelScope PALM directory and the encoder config in the
     /// subfolder it names. A missing `config.json` means the reference defaults.
     pub fn from_model_dir(dir: &Path) -> Result<Self> {

@@ -1,7 +1,7 @@
-//! Layer norm, softmax and tanh-GELU with their backward passes written out, for burn's
-//! autodiff backend.
+//! Layer norm, softmax, tanh-GELU and the smoothed cross-entropy from logits with their
+//! backward passes written out for burn's autodiff backend, and dropout with a one-byte mask.
 //!
-//! burn 0.21 differentiates these three through their decompositions: a layer norm becomes
+//! burn 0.21 differentiates the first three through their decompositions: a layer norm becomes
 //! nine tracked operations, each keeping its inputs (the centred input, the variance, the
 //! normalised input …) and each adding passes over the activation to the backward step; a
 //! softmax becomes four, and the tanh approximation of GELU seven. Written out, a layer norm
@@ -9,10 +9,11 @@
 //! two column reductions and one element-wise pass backward; a softmax keeps its output and
 //! needs one reduction and one pass; GELU keeps its input and needs one pass.
 //!
-//! The model calls [`layer_norm`], [`softmax`] and [`gelu_tanh`]; on a backend where
-//! [`install`] put the written-out versions (the autodiff backends a binary trains on) they
-//! run, elsewhere burn's own (inference backends, tests of the decompositions). The forward
-//! values are the same operations in the same order as burn's.
+//! The model calls [`layer_norm`], [`softmax`], [`gelu_tanh`] and [`dropout`], the training
+//! loss [`smoothed_cross_entropy`]; on a backend where [`install`] put the written-out
+//! versions (the autodiff backends a binary trains on) they run, elsewhere burn's own
+//! (inference backends, tests of the decompositions). The forward values are the same
+//! operations in the same order as burn's.
 
 use burn::nn::{Dropout, LayerNorm};
 use burn::prelude::*;

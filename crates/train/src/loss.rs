@@ -88,20 +88,20 @@ impl LabelSmoothedLoss {
             } else {
                 ce
             };
-            return Self::masked_sum(per_row, gold, self.pad);
+            return self.masked_sum(per_row, gold);
         }
         let max = z.clone().detach().max_dim(1);
         let lse = ((z.clone() - max.clone()).exp().sum_dim(1).log() + max).reshape([b * t]);
         self.rows(z, Some(lse), gold)
     }
 
-    /// The sum of `per_row` over the rows whose gold id is not `pad`, and their count.
+    /// The sum of `per_row` over the rows whose gold id is not PAD, and their count.
     fn masked_sum<B: Backend>(
+        &self,
         per_row: Tensor<B, 1>,
         gold: Tensor<B, 1, Int>,
-        pad: i64,
     ) -> LossOutput<B> {
-        let keep = gold.not_equal_elem(pad).float();
+        let keep = gold.not_equal_elem(self.pad).float();
         LossOutput {
             sum: (per_row * keep.clone()).sum(),
             tokens: keep.sum(),
@@ -138,7 +138,7 @@ impl LabelSmoothedLoss {
         } else {
             lp_gold.neg()
         };
-        Self::masked_sum(per_row, gold, self.pad)
+        self.masked_sum(per_row, gold)
     }
 }
 

@@ -189,9 +189,7 @@ struct Initial<B: Backend> {
 
 fn adjust(mc: &mut ModelConfig, config: &RunConfig) {
     if let Some(p) = config.dropout {
-        mc.palm.dec_dropout = p;
-        mc.encoder.hidden_dropout_prob = p;
-        mc.encoder.attention_probs_dropout_prob = p;
+        mc.set_dropout(p);
     }
     if let Some(ls) = config.label_smoothing {
         mc.palm.label_smoothing = ls;
