@@ -8,7 +8,8 @@
 # step, cuBLASLt's included, with launch shapes and DRAM/SM throughput).
 # Knobs (environment): PRECISIONS and MODES (palm's and PyTorch's float settings),
 # TRAIN_BATCHES, NODROP_BATCHES (also without dropout on both sides), DECODE=0 (training
-# only), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks), DEMO_ARGS, *_TIMEOUT; palm's own
+# only), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks), DEMO_ARGS, PROFILE_PARTS (train
+# and/or decode), SAVE_CACHE=0, *_TIMEOUT; palm's own
 # switches pass through (PALM_GEMM=burn, PALM_BACKWARD=burn, PALM_GEMM_MIN_MACS).
 set -uo pipefail
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -28,11 +29,15 @@ echo "{\"device\": \"$(nvidia-smi --query-gpu=name,driver_version,memory.total -
 # into 15 MB parts: the device tool returns files of at most 16 MiB, and base-zh's cache for
 # three batch sizes is larger), so the per-shape JIT compilation and autotuning (minutes) are
 # paid once, as on a user's own machine.
-export PALM_KERNEL_CACHE=$W/cubecl-cache
+# Several invocations in one device command can share one unpacked cache: set
+# PALM_KERNEL_CACHE to a directory outside $OUT and SAVE_CACHE=0 on all but the last.
+export PALM_KERNEL_CACHE=${PALM_KERNEL_CACHE:-$W/cubecl-cache}
 mkdir -p "$PALM_KERNEL_CACHE"
 # A cache an earlier part of this command left in $OUT is newer than the carried one.
 for c in "$OUT/cubecl-cache.tgz" .devcarry/cubecl-cache.tgz; do
-    if [[ -f $c.00 ]]; then
+    if [[ -n $(ls -A "$PALM_KERNEL_CACHE") ]]; then
+        break
+    elif [[ -f $c.00 ]]; then
         cat "$c".[0-9][0-9] | tar xz -C "$PALM_KERNEL_CACHE" && break
     elif [[ -f $c ]]; then
         tar xzf "$c" -C "$PALM_KERNEL_CACHE" && break
@@ -44,7 +49,7 @@ save_cache() {
         tar cz -C "$PALM_KERNEL_CACHE" . | split -b 15m -d - "$W/save/cubecl-cache.tgz." &&
         rm -f "$OUT"/cubecl-cache.tgz* && mv "$W"/save/cubecl-cache.tgz.* "$OUT/"
 }
-trap save_cache EXIT
+[[ ${SAVE_CACHE:-1} == 1 ]] && trap save_cache EXIT
 
 # Runs a command with its peak device memory sampled by nvidia-smi every 100 ms.
 peak() {
@@ -70,7 +75,7 @@ if [[ $PART == profile ]]; then
     # Per-kernel device time of a training step (batch ${B:-256}) and of a beam search (batch
     # 64), from CubeCL's profiling log (every kernel timed, so slower than a normal run), summed
     # by kernel into $OUT/profile_{train,decode}.txt.
-    for what in train decode; do
+    for what in ${PROFILE_PARTS:-train decode}; do
         case $what in
             train) args="--batch-size ${B:-256} --steps 2 --warmup-steps 2" ;;
             decode) args="--batch-size 64 --steps 1 --warmup-steps 1" ;;
