@@ -49,7 +49,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("decode") => decode(&args[1..]),
         Some("gpu") => gpu(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask bench prepare [--rows N] | decode [--python PY] | gpu [--no-build]"
+            "usage: cargo xtask bench prepare [--rows N] | decode [--python PY] | gpu [--no-build] [--no-unit]"
         ),
     }
 }
@@ -73,10 +73,15 @@ fn gpu(args: &[String]) -> Result<()> {
         std::fs::copy(target_dir()?.join("release/palm"), carry.join("palm"))
             .context("copying the CUDA binary into .devcarry")?;
         // The binary's own tests, built with CUDA: `gpu.sh checks` runs the cuBLASLt ones.
-        let unit = cuda_unit_tests()?;
-        std::fs::copy(&unit, carry.join("palm-unit"))
-            .with_context(|| format!("copying {} into .devcarry", unit.display()))?;
-        for file in ["palm", "palm-unit"] {
+        // `--no-unit` skips them (their 7 MB then leave room in the carry for the kernel cache).
+        let mut files = vec!["palm"];
+        if !args.iter().any(|a| a == "--no-unit") {
+            let unit = cuda_unit_tests()?;
+            std::fs::copy(&unit, carry.join("palm-unit"))
+                .with_context(|| format!("copying {} into .devcarry", unit.display()))?;
+            files.push("palm-unit");
+        }
+        for file in files {
             crate::run(Command::new("strip").arg(carry.join(file)))?;
             // Gzipped, both binaries (16 and 7 MB) and a kernel cache fit the device tool's
             // 64 MiB carry.

@@ -63,7 +63,42 @@ pub fn run(args: Args) -> Result<()> {
     {
         bail!("--dropout must be in [0, 1), got {p}");
     }
+    #[cfg(feature = "cuda")]
+    if let crate::device::Target::Cuda { index, precision } = target
+        && args.what == "decode"
+        && unfused()
+    {
+        return decode_unfused(index, precision, &args);
+    }
     dispatch!(target, run_on(&args))
+}
+
+/// `PALM_FUSION=0`: beam search on burn's CubeCL backend without its fusion layer (`palm bench
+/// decode` on CUDA only), to measure what fusion's per-operation bookkeeping costs a step of
+/// small operations against the launches it saves.
+fn unfused() -> bool {
+    std::env::var("PALM_FUSION").is_ok_and(|v| v == "0")
+}
+
+#[cfg(feature = "cuda")]
+fn decode_unfused(index: usize, precision: crate::device::Precision, args: &Args) -> Result<()> {
+    use crate::device::{GpuUnfused, Precision};
+    crate::device::model_switches();
+    crate::device::keep_kernels();
+    let device = burn_cuda::CudaDevice::new(index);
+    match precision {
+        Precision::F32 => {}
+        Precision::Bf16Mixed => {
+            palm_model::dense::set_product_dtype(Some(burn::tensor::FloatDType::BF16))
+        }
+        Precision::Bf16 => burn::tensor::set_default_dtypes::<GpuUnfused>(
+            &device,
+            burn::tensor::DType::BF16,
+            burn::tensor::DType::I32,
+        )
+        .map_err(|e| anyhow::anyhow!("--precision bf16: {e:?}"))?,
+    }
+    decode::<GpuUnfused>(&device, args)
 }
 
 fn run_on<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
@@ -259,6 +294,12 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
             "generated_tokens": tokens,
             "warmup_s": cold,
             "gemm": gemm_route::<B>(),
+            "fusion": args.device.device.starts_with("cuda") && !unfused(),
+            "cross_attention": if palm_model::attention::fused_cross_attention() {
+                "fused"
+            } else {
+                "decomposed"
+            },
         }))?;
     }
     Ok(())

@@ -12,6 +12,11 @@ pub type Cpu = burn_ndarray::NdArray<f32>;
 #[cfg(feature = "cuda")]
 pub type Gpu = burn_cuda::Cuda<f32, i32>;
 
+/// The CUDA backend without burn's fusion layer (`PALM_FUSION=0` on `palm bench decode`).
+#[cfg(feature = "cuda")]
+pub type GpuUnfused =
+    burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
 /// `--device` and `--precision`, shared by every command that computes.
 #[derive(clap::Args)]
 pub struct DeviceArgs {
@@ -105,6 +110,14 @@ pub fn install_backward<B: burn::prelude::Backend>() {
     palm_model::grad::install::<B>(!burn);
 }
 
+/// Model switches from the environment, for measuring one way against the other:
+/// `PALM_CROSS_ATTENTION=decomposed` runs the cached decoder step's cross-attention through
+/// the decomposed attention instead of burn's fused op.
+pub fn model_switches() {
+    let decomposed = std::env::var("PALM_CROSS_ATTENTION").is_ok_and(|v| v == "decomposed");
+    palm_model::attention::set_fused_cross_attention(!decomposed);
+}
+
 /// Where compiled CUDA kernels and autotune results are kept: `PALM_KERNEL_CACHE`, else
 /// `$XDG_CACHE_HOME/palm/cubecl`, else `$HOME/.cache/palm/cubecl`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -151,12 +164,14 @@ macro_rules! dispatch {
     ($target:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
         match $target {
             $crate::device::Target::Cpu => {
+                $crate::device::model_switches();
                 $crate::device::install_backward::<$crate::device::Cpu>();
                 $f::<$crate::device::Cpu>(&burn_ndarray::NdArrayDevice::Cpu, $($arg),*)
             }
             #[cfg(feature = "cuda")]
             $crate::device::Target::Cuda { index, precision } => {
                 use $crate::device::Precision;
+                $crate::device::model_switches();
                 $crate::device::keep_kernels();
                 if let Err(e) = $crate::cublaslt::install(index) {
                     tracing::warn!("{e:#}: burn's own matmul kernels instead");

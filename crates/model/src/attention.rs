@@ -1,5 +1,7 @@
 //! The attention core, in one place so a fused kernel can replace it later.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::prelude::*;
 
 use burn::tensor::ops::AttentionModuleOptions;
@@ -51,6 +53,23 @@ pub fn fused_attention<B: Backend>(
     let (q, k, v) = (for_product(q), for_product(k), for_product(v));
     burn::tensor::module::attention(q, k, v, mask, None, AttentionModuleOptions::default())
         .cast(own)
+}
+
+/// Whether the cached decoder step's cross-attention goes through [`fused_attention`] (the
+/// default) or [`attention`]'s decomposition (`set_fused_cross_attention(false)`): the fused
+/// op runs outside burn's fusion on the CUDA backend, so each of its parts is a launch of its
+/// own, and which way costs less per beam-search step is measured, not assumed
+/// (`docs/benchmarks.md`).
+static FUSED_CROSS_ATTENTION: AtomicBool = AtomicBool::new(true);
+
+/// Chooses the cross-attention of the cached decoder step (see [`fused_cross_attention`]).
+pub fn set_fused_cross_attention(fused: bool) {
+    FUSED_CROSS_ATTENTION.store(fused, Ordering::Relaxed);
+}
+
+/// Whether the cached decoder step uses [`fused_attention`] for its cross-attention.
+pub fn fused_cross_attention() -> bool {
+    FUSED_CROSS_ATTENTION.load(Ordering::Relaxed)
 }
 
 /// `[b, t, h·dh]` → `[b, h, t, dh]`.

@@ -6,7 +6,9 @@
 use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
 use burn::prelude::*;
 
-use crate::attention::{attention, fused_attention, merge_heads, split_heads};
+use crate::attention::{
+    attention, fused_attention, fused_cross_attention, merge_heads, split_heads,
+};
 use crate::dense::dense;
 use crate::grad;
 use crate::init::{embedding, layer_norm, linear};
@@ -222,12 +224,19 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         let query = dense(&self.context_attn.linear_query, qn)
             .reshape([sources, beams, heads, dh])
             .swap_dims(1, 2);
-        let ctx = fused_attention(
-            query,
-            cache.memory_keys.clone(),
-            cache.memory_values.clone(),
-            src_mask.clone(),
-        );
+        let (keys, values) = (cache.memory_keys.clone(), cache.memory_values.clone());
+        let ctx = if fused_cross_attention() {
+            fused_attention(query, keys, values, src_mask.clone())
+        } else {
+            let query = query.div_scalar((dh as f64).sqrt());
+            attention(
+                query,
+                keys,
+                values,
+                Some(src_mask.clone()),
+                &self.context_attn.dropout,
+            )
+        };
         let ctx = ctx.swap_dims(1, 2).reshape([rows, 1, d]);
         let c = dense(&self.context_attn.final_linear, ctx);
         self.feed_forward(grad::dropout(&self.drop, c) + q)
