@@ -8,9 +8,10 @@
 # step, cuBLASLt's included, with launch shapes and DRAM/SM throughput).
 # Knobs (environment): PRECISIONS and MODES (palm's and PyTorch's float settings),
 # TRAIN_BATCHES, NODROP_BATCHES (also without dropout on both sides), DECODE=0 (training
-# only), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks), DEMO_ARGS, PROFILE_PARTS (train
-# and/or decode), SAVE_CACHE=0, *_TIMEOUT; palm's own
-# switches pass through (PALM_GEMM=burn, PALM_BACKWARD=burn, PALM_GEMM_MIN_MACS).
+# only), TRAIN=0 (palm's decoding only), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks),
+# DEMO_ARGS, PROFILE_PARTS (train and/or decode), SAVE_CACHE=0, *_TIMEOUT; palm's own
+# switches pass through (PALM_GEMM=burn, PALM_BACKWARD=burn, PALM_GEMM_MIN_MACS,
+# PALM_CROSS_ATTENTION=decomposed, PALM_FUSION=0).
 set -uo pipefail
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 PALM=${PALM:-.devcarry/palm}
@@ -180,8 +181,9 @@ if [[ $PART == all || ($PART == checks && ${DEMO:-1} == 1) ]]; then
 fi
 if [[ $PART == all || $PART == palm ]]; then
     for prec in ${PRECISIONS:-f32 bf16-mixed bf16}; do
-        peak timeout ${TRAIN_TIMEOUT:-240} $PALM bench train --device cuda --precision $prec \
-            --batch-size ${TRAIN_BATCHES:-8,64,256} --steps 10 --warmup-steps 3 >> "$R" 2>> "$L"
+        [[ ${TRAIN:-1} == 1 ]] && peak timeout ${TRAIN_TIMEOUT:-240} $PALM bench train --device cuda \
+            --precision $prec --batch-size ${TRAIN_BATCHES:-8,64,256} --steps 10 --warmup-steps 3 \
+            >> "$R" 2>> "$L"
         # NODROP_BATCHES: the same without dropout on either side (torch_palm.py --dropout 0).
         [[ -n ${NODROP_BATCHES:-} ]] && peak timeout ${TRAIN_TIMEOUT:-240} $PALM bench train \
             --device cuda --precision $prec --dropout 0 --batch-size $NODROP_BATCHES --steps 10 \
