@@ -14,7 +14,7 @@ use palm_model::{ModelConfig, Palm};
 use palm_train::batch::PalmBatch;
 use palm_train::model::PalmTraining;
 
-use crate::device::{DeviceArgs, dispatch};
+use crate::device::{DeviceArgs, dispatch, dispatch_inference};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -63,49 +63,15 @@ pub fn run(args: Args) -> Result<()> {
     {
         bail!("--dropout must be in [0, 1), got {p}");
     }
-    #[cfg(feature = "cuda")]
-    if let crate::device::Target::Cuda { index, precision } = target
-        && args.what == "decode"
-        && unfused()
-    {
-        return decode_unfused(index, precision, &args);
+    if args.what == "decode" {
+        dispatch_inference!(target, decode(&args))
+    } else {
+        dispatch!(target, train_on(&args))
     }
-    dispatch!(target, run_on(&args))
 }
 
-/// `PALM_FUSION=0`: beam search on burn's CubeCL backend without its fusion layer (`palm bench
-/// decode` on CUDA only), to measure what fusion's per-operation bookkeeping costs a step of
-/// small operations against the launches it saves.
-fn unfused() -> bool {
-    std::env::var("PALM_FUSION").is_ok_and(|v| v == "0")
-}
-
-#[cfg(feature = "cuda")]
-fn decode_unfused(index: usize, precision: crate::device::Precision, args: &Args) -> Result<()> {
-    use crate::device::{GpuUnfused, Precision};
-    crate::device::model_switches();
-    crate::device::keep_kernels();
-    let device = burn_cuda::CudaDevice::new(index);
-    match precision {
-        Precision::F32 => {}
-        Precision::Bf16Mixed => {
-            palm_model::dense::set_product_dtype(Some(burn::tensor::FloatDType::BF16))
-        }
-        Precision::Bf16 => burn::tensor::set_default_dtypes::<GpuUnfused>(
-            &device,
-            burn::tensor::DType::BF16,
-            burn::tensor::DType::I32,
-        )
-        .map_err(|e| anyhow::anyhow!("--precision bf16: {e:?}"))?,
-    }
-    decode::<GpuUnfused>(&device, args)
-}
-
-fn run_on<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
-    match args.what.as_str() {
-        "train" => train::<burn_autodiff::Autodiff<B>>(device, args),
-        _ => decode::<B>(device, args),
-    }
+fn train_on<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
+    train::<burn_autodiff::Autodiff<B>>(device, args)
 }
 
 fn config(args: &Args) -> ModelConfig {
@@ -294,7 +260,7 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
             "generated_tokens": tokens,
             "warmup_s": cold,
             "gemm": gemm_route::<B>(),
-            "fusion": args.device.device.starts_with("cuda") && !unfused(),
+            "fusion": args.device.device.starts_with("cuda") && crate::device::inference_fusion(),
             "cross_attention": if palm_model::attention::fused_cross_attention() {
                 "fused"
             } else {

@@ -12,7 +12,8 @@ pub type Cpu = burn_ndarray::NdArray<f32>;
 #[cfg(feature = "cuda")]
 pub type Gpu = burn_cuda::Cuda<f32, i32>;
 
-/// The CUDA backend without burn's fusion layer (`PALM_FUSION=0` on `palm bench decode`).
+/// The CUDA backend without burn's fusion layer: inference commands run on it unless
+/// `PALM_FUSION=1` ([`inference_fusion`]).
 #[cfg(feature = "cuda")]
 pub type GpuUnfused =
     burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
@@ -159,7 +160,46 @@ pub fn keep_kernels() {
     });
 }
 
-/// Calls `$f::<B>(&device, args…)` with the backend `B` of `$target`.
+/// Everything a CUDA command sets up before its first tensor, for backend `B` on device
+/// `index`: the kernel cache, the cuBLASLt route, the model switches and the float types.
+#[cfg(feature = "cuda")]
+pub fn cuda_device<B: burn::prelude::Backend<Device = burn_cuda::CudaDevice>>(
+    index: usize,
+    precision: Precision,
+) -> Result<burn_cuda::CudaDevice> {
+    model_switches();
+    keep_kernels();
+    if let Err(e) = crate::cublaslt::install(index) {
+        tracing::warn!("{e:#}: burn's own matmul kernels instead");
+    }
+    let device = burn_cuda::CudaDevice::new(index);
+    match precision {
+        Precision::F32 => {}
+        Precision::Bf16Mixed => {
+            palm_model::dense::set_product_dtype(Some(burn::tensor::FloatDType::BF16))
+        }
+        Precision::Bf16 => burn::tensor::set_default_dtypes::<B>(
+            &device,
+            burn::tensor::DType::BF16,
+            burn::tensor::DType::I32,
+        )
+        .map_err(|e| anyhow::anyhow!("--precision bf16: {e:?}"))?,
+    }
+    Ok(device)
+}
+
+/// Whether inference commands run on CUDA under burn's fusion layer (`PALM_FUSION=1`) or,
+/// by default, without it ([`GpuUnfused`]). A beam-search step is hundreds of small operations
+/// and costs host time per operation, not device time (18 ms per step on an H200 at 5 rows
+/// and at 320 alike): measured 2026-11-30, fusion's bookkeeping cost more than the launches
+/// it saved (batch-64 beam search 3,549 tokens/s fused, 4,835 without; `docs/benchmarks.md`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn inference_fusion() -> bool {
+    std::env::var("PALM_FUSION").is_ok_and(|v| v == "1")
+}
+
+/// Calls `$f::<B>(&device, args…)` with the backend `B` of `$target`: training and anything
+/// else that differentiates.
 macro_rules! dispatch {
     ($target:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
         match $target {
@@ -170,25 +210,8 @@ macro_rules! dispatch {
             }
             #[cfg(feature = "cuda")]
             $crate::device::Target::Cuda { index, precision } => {
-                use $crate::device::Precision;
-                $crate::device::model_switches();
-                $crate::device::keep_kernels();
-                if let Err(e) = $crate::cublaslt::install(index) {
-                    tracing::warn!("{e:#}: burn's own matmul kernels instead");
-                }
+                let device = $crate::device::cuda_device::<$crate::device::Gpu>(index, precision)?;
                 $crate::device::install_backward::<$crate::device::Gpu>();
-                let device = burn_cuda::CudaDevice::new(index);
-                if precision == Precision::Bf16Mixed {
-                    palm_model::dense::set_product_dtype(Some(burn::tensor::FloatDType::BF16));
-                }
-                if precision == Precision::Bf16 {
-                    burn::tensor::set_default_dtypes::<$crate::device::Gpu>(
-                        &device,
-                        burn::tensor::DType::BF16,
-                        burn::tensor::DType::I32,
-                    )
-                    .map_err(|e| anyhow::anyhow!("--precision bf16: {e:?}"))?;
-                }
                 $f::<$crate::device::Gpu>(&device, $($arg),*)
             }
             #[cfg(not(feature = "cuda"))]
@@ -197,6 +220,25 @@ macro_rules! dispatch {
     };
 }
 pub(crate) use dispatch;
+
+/// [`dispatch!`] for inference (no gradients): on CUDA, the backend without fusion unless
+/// [`inference_fusion`].
+macro_rules! dispatch_inference {
+    ($target:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
+        match $target {
+            #[cfg(feature = "cuda")]
+            $crate::device::Target::Cuda { index, precision }
+                if !$crate::device::inference_fusion() =>
+            {
+                let device =
+                    $crate::device::cuda_device::<$crate::device::GpuUnfused>(index, precision)?;
+                $f::<$crate::device::GpuUnfused>(&device, $($arg),*)
+            }
+            target => $crate::device::dispatch!(target, $f($($arg),*)),
+        }
+    };
+}
+pub(crate) use dispatch_inference;
 
 #[cfg(test)]
 mod tests {

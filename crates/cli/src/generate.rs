@@ -9,7 +9,7 @@ use palm_decode::{BeamConfig, beam_search};
 
 use burn::prelude::Backend;
 
-use crate::device::{DeviceArgs, dispatch};
+use crate::device::{DeviceArgs, dispatch_inference};
 use crate::model_dir::{load, pad_batch};
 
 #[derive(clap::Args)]
@@ -56,7 +56,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let target = args.device.target()?;
-    dispatch!(target, run_on(args))
+    dispatch_inference!(target, run_on(args))
 }
 
 fn run_on<B: Backend>(device: &B::Device, args: Args) -> Result<()> {

@@ -28,7 +28,8 @@ use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaContext, CudaStream};
 
-/// burn's CubeCL backend on CUDA, under fusion ([`crate::device::Gpu`]).
+/// burn's CubeCL backend on CUDA ([`crate::device::GpuUnfused`]), and under fusion
+/// ([`crate::device::Gpu`]).
 type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
 type Gpu = Fusion<Cube>;
 type FusionR = <Cube as FusionBackend>::FusionRuntime;
@@ -48,6 +49,7 @@ pub fn install(index: usize) -> Result<()> {
     // not a panic in the middle of a step.
     std::panic::catch_unwind(|| with_device(index, |_| Ok(())))
         .map_err(|_| anyhow!("cuBLASLt could not be loaded (libcublasLt.so)"))??;
+    palm_model::dense::set_gemm::<Cube>(Some(|a, b| wrap(routed_cube_gemm(unwrap(a), unwrap(b)))));
     palm_model::dense::set_gemm::<Gpu>(Some(|a, b| wrap(fusion_gemm(unwrap(a), unwrap(b)))));
     palm_model::dense::set_gemm::<Autodiff<Gpu>>(Some(|a, b| {
         wrap(autodiff_gemm(unwrap(a), unwrap(b)))
@@ -153,6 +155,19 @@ fn fusion_gemm(a: FusionTensor<FusionR>, b: FusionTensor<FusionR>) -> FusionTens
     client
         .register(streams, OperationIr::Custom(desc.clone()), GemmOp { desc })
         .output()
+}
+
+/// `a · b` on the backend without fusion (inference, [`crate::device::GpuUnfused`]): cuBLASLt,
+/// or burn's matmul for products cuBLASLt does not take.
+fn routed_cube_gemm(
+    a: CubeTensor<CudaRuntime>,
+    b: CubeTensor<CudaRuntime>,
+) -> CubeTensor<CudaRuntime> {
+    let ([m, k], [_, n]) = (dims2(a.meta.shape()), dims2(b.meta.shape()));
+    if a.dtype != b.dtype || !routed(a.dtype, m, k, n, min_macs()) {
+        return Cube::float_matmul(a, b);
+    }
+    cube_gemm(a, b)
 }
 
 /// `a · b` for CubeCL tensors, through cuBLASLt on the tensors' device.
