@@ -232,6 +232,7 @@ macro_rules! dispatch_inference {
             {
                 let device =
                     $crate::device::cuda_device::<$crate::device::GpuUnfused>(index, precision)?;
+                $crate::kernels::install();
                 $f::<$crate::device::GpuUnfused>(&device, $($arg),*)
             }
             target => $crate::device::dispatch!(target, $f($($arg),*)),

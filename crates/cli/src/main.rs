@@ -7,6 +7,8 @@ mod device;
 mod eval;
 mod export;
 mod generate;
+#[cfg(feature = "cuda")]
+mod kernels;
 mod model_dir;
 mod prepare;
 mod score;

@@ -35,20 +35,36 @@ const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const GELU_CUBIC: f64 = 0.044715;
 
 /// A layer norm of `[rows, d]` with γ, β and ε.
-type LayerNormFn<B> = fn(Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 1>, f64) -> Tensor<B, 2>;
+pub type LayerNormFn<B> = fn(Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 1>, f64) -> Tensor<B, 2>;
 
 /// A smoothed cross-entropy of logits `[rows, V]` against ids `[rows]` with the PAD id and ε.
 type CrossEntropyFn<B> = fn(Tensor<B, 2>, Tensor<B, 1, Int>, usize, f64) -> Tensor<B, 1>;
 
-/// The written-out operations of one backend, on `[rows, d]` matrices.
+/// Layer norm, softmax and tanh-GELU of one backend on `[rows, d]` matrices (the last axis):
+/// the written-out autodiff operations of a training backend ([`install`]), or single-kernel
+/// forward passes a binary provides for an inference backend ([`set_row_kernels`]).
+pub struct RowOps<B: Backend> {
+    /// `(x, γ, β, ε)` → the normalised rows, scaled and shifted.
+    pub layer_norm: LayerNormFn<B>,
+    /// Softmax of each row.
+    pub softmax: fn(Tensor<B, 2>) -> Tensor<B, 2>,
+    /// [`gelu_tanh`] of every element.
+    pub gelu_tanh: fn(Tensor<B, 2>) -> Tensor<B, 2>,
+}
+
+/// The written-out operations of one backend.
 struct Written<B: Backend> {
-    layer_norm: LayerNormFn<B>,
-    softmax: fn(Tensor<B, 2>) -> Tensor<B, 2>,
-    gelu_tanh: fn(Tensor<B, 2>) -> Tensor<B, 2>,
+    rows: RowOps<B>,
     cross_entropy: CrossEntropyFn<B>,
 }
 
 // Function pointers are copies whatever `B` is (a derive would ask `B: Copy`).
+impl<B: Backend> Clone for RowOps<B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for RowOps<B> {}
 impl<B: Backend> Clone for Written<B> {
     fn clone(&self) -> Self {
         *self
@@ -57,14 +73,34 @@ impl<B: Backend> Clone for Written<B> {
 impl<B: Backend> Copy for Written<B> {}
 
 static WRITTEN: PerBackend = PerBackend::new();
+static ROW_KERNELS: PerBackend = PerBackend::new();
+
+/// Runs [`layer_norm`], [`softmax`] and [`gelu_tanh`] on backend `B` through `kernels` (`None`:
+/// burn's operations again). For inference backends, where burn runs each as a chain of
+/// launches (a layer norm about ten, a softmax five, the tanh-GELU seven without fusion) and a
+/// beam-search step is bound by the number of launches; a backend with [`install`]ed
+/// operations uses those.
+pub fn set_row_kernels<B: Backend>(kernels: Option<RowOps<B>>) {
+    ROW_KERNELS.set::<B, _>(kernels);
+}
+
+/// The row operations for `B`: the written-out ones, else the kernels, else none (burn's).
+fn row_ops<B: Backend>() -> Option<RowOps<B>> {
+    WRITTEN
+        .get::<B, Written<B>>()
+        .map(|w| w.rows)
+        .or_else(|| ROW_KERNELS.get::<B, RowOps<B>>())
+}
 
 /// Puts the written-out backward passes on `Autodiff<I>` (`false`: burn's decompositions
 /// again).
 pub fn install<I: Backend>(on: bool) {
     let written = Written::<Autodiff<I>> {
-        layer_norm: autodiff_layer_norm::<I>,
-        softmax: autodiff_softmax::<I>,
-        gelu_tanh: autodiff_gelu_tanh::<I>,
+        rows: RowOps {
+            layer_norm: autodiff_layer_norm::<I>,
+            softmax: autodiff_softmax::<I>,
+            gelu_tanh: autodiff_gelu_tanh::<I>,
+        },
         cross_entropy: autodiff_smoothed_cross_entropy::<I>,
     };
     WRITTEN.set::<Autodiff<I>, _>(on.then_some(written));
@@ -92,10 +128,10 @@ pub fn layer_norm<B: Backend, const D: usize>(
     epsilon: f64,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    match (WRITTEN.get::<B, Written<B>>(), &ln.beta) {
-        (Some(w), Some(beta)) => {
+    match (row_ops::<B>(), &ln.beta) {
+        (Some(ops), Some(beta)) => {
             let (x, dims) = rows(x);
-            (w.layer_norm)(x, ln.gamma.val(), beta.val(), epsilon).reshape(dims)
+            (ops.layer_norm)(x, ln.gamma.val(), beta.val(), epsilon).reshape(dims)
         }
         _ => ln.forward(x),
     }
@@ -116,10 +152,10 @@ pub fn dropout<B: Backend, const D: usize>(dropout: &Dropout, x: Tensor<B, D>) -
 
 /// Softmax over the last axis.
 pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match WRITTEN.get::<B, Written<B>>() {
-        Some(w) => {
+    match row_ops::<B>() {
+        Some(ops) => {
             let (x, dims) = rows(x);
-            (w.softmax)(x).reshape(dims)
+            (ops.softmax)(x).reshape(dims)
         }
         None => burn::tensor::activation::softmax(x, D - 1),
     }
@@ -127,10 +163,10 @@ pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 
 /// GELU's tanh approximation, `x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
 pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match WRITTEN.get::<B, Written<B>>() {
-        Some(w) => {
+    match row_ops::<B>() {
+        Some(ops) => {
             let (x, dims) = rows(x);
-            (w.gelu_tanh)(x).reshape(dims)
+            (ops.gelu_tanh)(x).reshape(dims)
         }
         None => gelu_approximate(x),
     }
@@ -176,6 +212,17 @@ fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
 
 /// burn's layer norm forward on the inner backend, with what the backward pass needs: the
 /// normalised input and the row's `√(var + ε)`.
+/// A layer norm of `[rows, d]` through burn's operations (as burn's `LayerNorm` computes it):
+/// what a [`RowOps`] kernel falls back to for inputs it does not take.
+pub fn burn_layer_norm<B: Backend>(
+    x: Tensor<B, 2>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    epsilon: f64,
+) -> Tensor<B, 2> {
+    layer_norm_parts(x, gamma, beta, epsilon).0
+}
+
 fn layer_norm_parts<I: Backend>(
     x: Tensor<I, 2>,
     gamma: Tensor<I, 1>,
