@@ -539,7 +539,9 @@ impl<B: AutodiffBackend> PalmStrategy<B> {
         out: &PalmOutput<B::InnerBackend>,
         gold: Tensor<B::InnerBackend, 2, Int>,
     ) {
-        let lp = out.seq.logits.clone();
+        // The step's output holds logits (the loss is taken from them); the NLL needs
+        // log-probabilities.
+        let lp = burn::tensor::activation::log_softmax(out.seq.logits.clone(), 2);
         let gold_for_loss = gold.clone();
         let mask = gold.clone().not_equal_elem(self.pad as i64);
         let tokens: f64 = mask.clone().int().sum().into_scalar().elem();
@@ -562,7 +564,7 @@ impl<B: AutodiffBackend> PalmStrategy<B> {
         // The decoder's loss alone (in pre-training the step's loss also holds the MLM term).
         let loss: f64 = model
             .criterion()
-            .forward(out.seq.logits.clone(), gold_for_loss)
+            .forward_logits(out.seq.logits.clone(), gold_for_loss)
             .sum
             .into_scalar()
             .elem();

@@ -43,6 +43,16 @@ fn a_tiny_run_writes_a_usable_model_directory() {
     let summary =
         run::<Autodiff<NdArray<f32>>>(&config, Start::Fresh, &NdArrayDevice::Cpu).unwrap();
     assert!(summary.model.is_some() && summary.copy_source.is_some());
+    // The epoch's validation loss is the one `valid_loss` gives the (only, so best) model
+    // written, and its perplexity is exp(NLL) >= 1: both from log-probabilities, not logits.
+    let epoch = &summary.epochs[0];
+    assert!(
+        (epoch.valid_loss - summary.valid_loss_after).abs() < 1e-4 * summary.valid_loss_after,
+        "{} against {}",
+        epoch.valid_loss,
+        summary.valid_loss_after
+    );
+    assert!(epoch.valid_perplexity >= 1.0, "{}", epoch.valid_perplexity);
     assert!(config.out.join("summary.json").is_file());
     assert!(config.out.join("test_predictions.jsonl").is_file());
     let (_, model) =
