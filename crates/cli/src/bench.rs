@@ -138,7 +138,7 @@ fn row_kernels(args: &Args) -> bool {
     {
         args.device.device.starts_with("cuda")
             && !crate::device::inference_fusion()
-            && crate::kernels::installed()
+            && crate::kernels::enabled()
     }
     #[cfg(not(feature = "cuda"))]
     {

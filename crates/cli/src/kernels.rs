@@ -35,6 +35,9 @@ mod device_code {
     use burn_cubecl::cubecl;
     use cubecl::prelude::*;
 
+    // The row kernels run one plane of 32 lanes (`super::LANES`) per row: each lane takes
+    // every 32nd element.
+
     #[cube(launch)]
     pub fn layer_norm_rows<F: Float>(
         x: &Tensor<F>,
@@ -208,18 +211,17 @@ fn gelu_tanh(x: Tensor<GpuUnfused, 2>) -> Tensor<GpuUnfused, 2> {
     wrap(out)
 }
 
-/// Puts the kernels on the inference backend, unless `PALM_KERNELS=burn`.
+/// Puts the kernels on the inference backend, unless `PALM_KERNELS=burn` ([`enabled`]).
 pub fn install() {
-    let on = !std::env::var("PALM_KERNELS").is_ok_and(|v| v == "burn");
-    set_row_kernels::<GpuUnfused>(on.then_some(RowOps {
+    set_row_kernels::<GpuUnfused>(enabled().then_some(RowOps {
         layer_norm,
         softmax,
         gelu_tanh,
     }));
 }
 
-/// Whether the kernels are on (benchmarks report it).
-pub fn installed() -> bool {
+/// Whether [`install`] puts the kernels on (benchmarks report it): unless `PALM_KERNELS=burn`.
+pub fn enabled() -> bool {
     !std::env::var("PALM_KERNELS").is_ok_and(|v| v == "burn")
 }
 

@@ -13,7 +13,8 @@
 //! loss [`smoothed_cross_entropy`]; on a backend where [`install`] put the written-out
 //! versions (the autodiff backends a binary trains on) they run, elsewhere burn's own
 //! (inference backends, tests of the decompositions). The forward values are the same
-//! operations in the same order as burn's.
+//! operations in the same order as burn's. An inference backend may instead get single-kernel
+//! forward passes of the first three from the binary ([`set_row_kernels`]).
 
 use burn::nn::{Dropout, LayerNorm};
 use burn::prelude::*;
