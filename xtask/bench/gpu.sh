@@ -26,29 +26,30 @@ echo "{\"device\": \"$(nvidia-smi --query-gpu=name,driver_version,memory.total -
 
 # palm keeps CubeCL's compiled kernels (PTX) and autotune results in PALM_KERNEL_CACHE. The
 # GPU machine starts bare each session: the cache is carried in from an earlier run as
-# .devcarry/cubecl-cache.tgz.NN and returned as $OUT/cubecl-cache.tgz.NN (a gzipped tar cut
-# into 15 MB parts: the device tool returns files of at most 16 MiB, and base-zh's cache for
-# three batch sizes is larger), so the per-shape JIT compilation and autotuning (minutes) are
-# paid once, as on a user's own machine.
+# .devcarry/cubecl-cache.txz.NN and returned as $OUT/cubecl-cache.txz.NN (an xz-compressed
+# tar cut into 15 MB parts: the device tool returns files of at most 16 MiB; xz takes the
+# 470 MB of PTX to about 17 MB where gzip left 42, and the carry is limited to 64 MiB), so
+# the per-shape JIT compilation and autotuning (minutes) are paid once, as on a user's own
+# machine. Gzipped parts (cubecl-cache.tgz.NN, earlier runs) are still read.
 # Several invocations in one device command can share one unpacked cache: set
 # PALM_KERNEL_CACHE to a directory outside $OUT and SAVE_CACHE=0 on all but the last.
 export PALM_KERNEL_CACHE=${PALM_KERNEL_CACHE:-$W/cubecl-cache}
 mkdir -p "$PALM_KERNEL_CACHE"
 # A cache an earlier part of this command left in $OUT is newer than the carried one.
-for c in "$OUT/cubecl-cache.tgz" .devcarry/cubecl-cache.tgz; do
+for c in "$OUT/cubecl-cache" .devcarry/cubecl-cache; do
     if [[ -n $(ls -A "$PALM_KERNEL_CACHE") ]]; then
         break
-    elif [[ -f $c.00 ]]; then
-        cat "$c".[0-9][0-9] | tar xz -C "$PALM_KERNEL_CACHE" && break
-    elif [[ -f $c ]]; then
-        tar xzf "$c" -C "$PALM_KERNEL_CACHE" && break
+    elif [[ -f $c.txz.00 ]]; then
+        cat "$c".txz.[0-9][0-9] | xz -dc -T0 | tar x -C "$PALM_KERNEL_CACHE" && break
+    elif [[ -f $c.tgz.00 ]]; then
+        cat "$c".tgz.[0-9][0-9] | tar xz -C "$PALM_KERNEL_CACHE" && break
     fi
 done
 # Written aside and moved into place, so a run killed while saving leaves the previous parts.
 save_cache() {
     mkdir -p "$W/save" &&
-        tar cz -C "$PALM_KERNEL_CACHE" . | split -b 15m -d - "$W/save/cubecl-cache.tgz." &&
-        rm -f "$OUT"/cubecl-cache.tgz* && mv "$W"/save/cubecl-cache.tgz.* "$OUT/"
+        tar c -C "$PALM_KERNEL_CACHE" . | xz -6 -T0 -c | split -b 15m -d - "$W/save/cubecl-cache.txz." &&
+        rm -f "$OUT"/cubecl-cache.t?z.* && mv "$W"/save/cubecl-cache.txz.* "$OUT/"
 }
 [[ ${SAVE_CACHE:-1} == 1 ]] && trap save_cache EXIT
 

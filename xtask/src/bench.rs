@@ -92,7 +92,7 @@ fn gpu(args: &[String]) -> Result<()> {
         "On the GPU machine (device tool, carry [\".devcarry\"]), from the repository root:\n\n  \
          REV={} bash xtask/bench/gpu.sh all\n\nParts: checks (CUDA vs CPU, demo fine-tune), \
          palm, torch, probe (cold start). Results: $OUT/results.jsonl. Copy \
-         $OUT/cubecl-cache.tgz.* to .devcarry/ so that the next run starts with the compiled \
+         $OUT/cubecl-cache.txz.* to .devcarry/ so that the next run starts with the compiled \
          and tuned kernels.",
         git_rev()
     );
