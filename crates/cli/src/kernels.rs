@@ -4,8 +4,9 @@
 //! each burn operation is a kernel launch, and a beam-search step is bound by the host's cost
 //! per launch, not by the device: a layer norm is about ten launches (two means, the centring,
 //! the square, the root, the division, γ and β), a softmax five and the decoder's tanh-GELU
-//! seven, 37 layer norms, 24 softmaxes and 12 GELUs per step of PALM-base's decoder. Here each
-//! is one CubeCL kernel, installed through [`palm_model::grad::set_row_kernels`]:
+//! seven, and a step of PALM-base's decoder has 37 layer norms, 12 softmaxes (self-attention)
+//! and 12 GELUs. Here each is one CubeCL kernel, installed through
+//! [`palm_model::grad::set_row_kernels`]:
 //!
 //! - layer norm and softmax: one plane (32 lanes) per row, each lane striding over the row,
 //!   the sums and the maximum through plane reductions (three passes over a row that stays in
