@@ -132,21 +132,6 @@ fn gemm_route<B: Backend>() -> &'static str {
     }
 }
 
-/// Whether decoding ran the CUDA row kernels (`palm`'s `kernels` module).
-fn row_kernels(args: &Args) -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        args.device.device.starts_with("cuda")
-            && !crate::device::inference_fusion()
-            && crate::kernels::enabled()
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = args;
-        false
-    }
-}
-
 fn emit(line: serde_json::Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")?;
@@ -276,7 +261,7 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
             "warmup_s": cold,
             "gemm": gemm_route::<B>(),
             "fusion": args.device.device.starts_with("cuda") && crate::device::inference_fusion(),
-            "row_kernels": row_kernels(args),
+            "row_kernels": palm_model::grad::has_row_kernels::<B>(),
             "cross_attention": if palm_model::attention::fused_cross_attention() {
                 "fused"
             } else {

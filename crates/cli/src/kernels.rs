@@ -104,11 +104,7 @@ mod device_code {
 
 type Cube = CubeTensor<CudaRuntime>;
 
-fn prim(t: Tensor<GpuUnfused, 2>) -> Cube {
-    t.into_primitive().tensor()
-}
-
-fn prim1(t: Tensor<GpuUnfused, 1>) -> Cube {
+fn prim<const D: usize>(t: Tensor<GpuUnfused, D>) -> Cube {
     t.into_primitive().tensor()
 }
 
@@ -154,7 +150,7 @@ fn layer_norm(
     eps: f64,
 ) -> Tensor<GpuUnfused, 2> {
     let [rows, d] = x.dims();
-    let (xc, g, b) = (prim(x.clone()), prim1(gamma.clone()), prim1(beta.clone()));
+    let (xc, g, b) = (prim(x.clone()), prim(gamma.clone()), prim(beta.clone()));
     if !(takes(&xc) && takes(&g) && takes(&b) && plane_fits(&xc)) || rows == 0 {
         return palm_model::grad::burn_layer_norm(x, gamma, beta, eps);
     }
@@ -212,18 +208,14 @@ fn gelu_tanh(x: Tensor<GpuUnfused, 2>) -> Tensor<GpuUnfused, 2> {
     wrap(out)
 }
 
-/// Puts the kernels on the inference backend, unless `PALM_KERNELS=burn` ([`enabled`]).
+/// Puts the kernels on the inference backend, unless `PALM_KERNELS=burn`.
 pub fn install() {
-    set_row_kernels::<GpuUnfused>(enabled().then_some(RowOps {
+    let on = !std::env::var("PALM_KERNELS").is_ok_and(|v| v == "burn");
+    set_row_kernels::<GpuUnfused>(on.then_some(RowOps {
         layer_norm,
         softmax,
         gelu_tanh,
     }));
-}
-
-/// Whether [`install`] puts the kernels on (benchmarks report it): unless `PALM_KERNELS=burn`.
-pub fn enabled() -> bool {
-    !std::env::var("PALM_KERNELS").is_ok_and(|v| v == "burn")
 }
 
 #[cfg(test)]

@@ -85,6 +85,11 @@ pub fn set_row_kernels<B: Backend>(kernels: Option<RowOps<B>>) {
     ROW_KERNELS.set::<B, _>(kernels);
 }
 
+/// Whether [`set_row_kernels`] put kernels on `B` (benchmarks report which path they measured).
+pub fn has_row_kernels<B: Backend>() -> bool {
+    ROW_KERNELS.get::<B, RowOps<B>>().is_some()
+}
+
 /// The row operations for `B`: the written-out ones, else the kernels, else none (burn's).
 fn row_ops<B: Backend>() -> Option<RowOps<B>> {
     WRITTEN
