@@ -11,9 +11,11 @@
 # only), TRAIN=0 (palm's decoding only), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks),
 # DEMO_ARGS, PROFILE_PARTS (train and/or decode), SAVE_CACHE=0, *_TIMEOUT; palm's own
 # switches pass through (PALM_GEMM=burn, PALM_BACKWARD=burn, PALM_GEMM_MIN_MACS,
-# PALM_CROSS_ATTENTION=decomposed, PALM_FUSION=0).
+# PALM_CROSS_ATTENTION=decomposed, PALM_FUSION=0, PALM_GEMM_STREAM=own).
 set -uo pipefail
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# libcupti (palm finds CubeCL's stream through it) may live among the toolkit's extras.
+[[ -d $CUDA_PATH/extras/CUPTI/lib64 ]] && LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$CUDA_PATH/extras/CUPTI/lib64
 PALM=${PALM:-.devcarry/palm}
 [[ ! -x $PALM && -f $PALM.gz ]] && gunzip -kf "$PALM.gz" && chmod +x "$PALM"
 OUT=${OUT:-/tmp/palm-bench}

@@ -12,14 +12,15 @@ use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{DType, Shape, TensorPrimitive};
 
-use super::{MIN_MACS, Operand, operand, routed};
+use super::{IN_STREAM_MIN_MACS, MIN_MACS, Operand, operand, routed};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind, binary};
 use burn_autodiff::{Autodiff, NodeId};
 use burn_cubecl::CubeBackend;
-use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::Runtime;
+use burn_cubecl::cubecl::cuda::{CudaDevice, CudaRuntime};
 use burn_cubecl::tensor::CubeTensor;
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
@@ -49,6 +50,12 @@ pub fn install(index: usize) -> Result<()> {
     // not a panic in the middle of a step.
     std::panic::catch_unwind(|| with_device(index, |_| Ok(())))
         .map_err(|_| anyhow!("cuBLASLt could not be loaded (libcublasLt.so)"))??;
+    // Finds CubeCL's stream for this thread now, to set the routing threshold.
+    let client = CudaRuntime::client(&CudaDevice::new(index));
+    let found = client
+        .exclusive(|| stream::backend_stream(&client).is_some())
+        .unwrap_or(false);
+    let _ = IN_STREAM.set(found);
     palm_model::dense::set_gemm::<Cube>(Some(|a, b| wrap(routed_cube_gemm(unwrap(a), unwrap(b)))));
     palm_model::dense::set_gemm::<Gpu>(Some(|a, b| wrap(fusion_gemm(unwrap(a), unwrap(b)))));
     palm_model::dense::set_gemm::<Autodiff<Gpu>>(Some(|a, b| {
@@ -65,14 +72,22 @@ fn wrap<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 2> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-/// [`MIN_MACS`], or `PALM_GEMM_MIN_MACS`.
+/// Whether [`install`] found CubeCL's stream for its thread (products then do not drain).
+static IN_STREAM: OnceLock<bool> = OnceLock::new();
+
+/// `PALM_GEMM_MIN_MACS`, or [`IN_STREAM_MIN_MACS`] when products run on CubeCL's stream and
+/// [`MIN_MACS`] when they drain.
 fn min_macs() -> usize {
     static MIN: OnceLock<usize> = OnceLock::new();
     *MIN.get_or_init(|| {
         std::env::var("PALM_GEMM_MIN_MACS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(MIN_MACS)
+            .unwrap_or(if IN_STREAM.get() == Some(&true) {
+                IN_STREAM_MIN_MACS
+            } else {
+                MIN_MACS
+            })
     })
 }
 
@@ -195,35 +210,45 @@ fn cube_gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> CubeTens
     let out_strides = dims2(out.meta.strides());
     assert_eq!(out_strides, [n, 1], "a contiguous output");
 
-    let resource = |t: &CubeTensor<CudaRuntime>| {
-        t.client
-            .get_resource(t.handle.clone())
-            .expect("a CUDA tensor's memory")
+    let client = a.client.clone();
+    let index = a.device.index;
+    // On CubeCL's device thread, after every operation queued before this product: the
+    // operands' memory, then the product on CubeCL's own stream (no wait for the device), or,
+    // where that stream is unknown, on this module's after draining CubeCL's.
+    let run = || -> Result<()> {
+        let resource = |t: &CubeTensor<CudaRuntime>| {
+            client
+                .get_resource(t.handle.clone())
+                .expect("a CUDA tensor's memory")
+        };
+        let (ra, rb, rout) = (resource(&a), resource(&b), resource(&out));
+        // Row-major C = A · B is column-major Cᵀ = Bᵀ · Aᵀ: cuBLASLt's first operand is B.
+        let problem = Problem {
+            dtype: a.dtype,
+            first: b_layout,
+            second: a_layout,
+            m: n as u64,
+            n: m as u64,
+            align: [ra.resource().ptr, rb.resource().ptr, rout.resource().ptr]
+                .map(|p| (p & p.wrapping_neg()).min(256) as u32),
+        };
+        let pointers = [rb.resource().ptr, ra.resource().ptr, rout.resource().ptr];
+        let result = match stream::backend_stream(&client) {
+            Some(stream) => with_device(index, |d| d.matmul(&problem, pointers, Some(stream))),
+            None => {
+                burn_cubecl::cubecl::future::block_on(client.sync())
+                    .map_err(|e| anyhow!("the CUDA stream synchronises: {e:?}"))?;
+                with_device(index, |d| d.matmul(&problem, pointers, None))
+            }
+        };
+        drop((ra, rb, rout));
+        result
     };
-    let (ra, rb, rout) = (resource(&a), resource(&b), resource(&out));
-    // Everything the backend queued before this product (its inputs included) has run.
-    burn_cubecl::cubecl::future::block_on(a.client.sync()).expect("the CUDA stream synchronises");
-
-    // Row-major C = A · B is column-major Cᵀ = Bᵀ · Aᵀ: cuBLASLt's first operand is B.
-    let problem = Problem {
-        dtype: a.dtype,
-        first: b_layout,
-        second: a_layout,
-        m: n as u64,
-        n: m as u64,
-        align: [ra.resource().ptr, rb.resource().ptr, rout.resource().ptr]
-            .map(|p| (p & p.wrapping_neg()).min(256) as u32),
-    };
-    with_device(a.device.index, |device| {
-        device.matmul(
-            &problem,
-            rb.resource().ptr,
-            ra.resource().ptr,
-            rout.resource().ptr,
-        )
-    })
-    .unwrap_or_else(|e| panic!("cuBLASLt [{m}, ?] x [?, {n}] in {:?}: {e:#}", a.dtype));
-    drop((ra, rb, rout));
+    client
+        .exclusive(run)
+        .map_err(|e| anyhow!("CubeCL's device thread: {e:?}"))
+        .and_then(|r| r)
+        .unwrap_or_else(|e| panic!("cuBLASLt [{m}, ?] x [?, {n}] in {:?}: {e:#}", a.dtype));
     out
 }
 
@@ -246,12 +271,14 @@ struct Plan {
     algo: sys::cublasLtMatmulAlgo_t,
 }
 
-/// cuBLASLt's state for one device: its handle, stream, workspace and plans.
+/// cuBLASLt's state for one device: its handle, a stream of its own (for when CubeCL's is
+/// unknown), a workspace per stream it runs on, and plans.
 struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     handle: sys::cublasLtHandle_t,
-    workspace: u64,
+    /// Keyed by stream: products in one stream run in order and may share one workspace.
+    workspaces: HashMap<usize, u64>,
     plans: HashMap<Problem, Plan>,
 }
 
@@ -291,15 +318,25 @@ impl Device {
         ctx.bind_to_thread()?;
         let stream = ctx.new_stream()?;
         let handle = lt::create_handle().map_err(|e| anyhow!("cublasLtCreate: {e}"))?;
-        // SAFETY: a plain device allocation, kept for the life of the process.
-        let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }?;
         Ok(Self {
             ctx,
             stream,
             handle,
-            workspace,
+            workspaces: HashMap::new(),
             plans: HashMap::new(),
         })
+    }
+
+    /// The workspace of `stream`, allocated on its first product.
+    fn workspace(&mut self, stream: sys::cudaStream_t) -> Result<u64> {
+        let key = stream as usize;
+        if let Some(&w) = self.workspaces.get(&key) {
+            return Ok(w);
+        }
+        // SAFETY: a plain device allocation, kept for the life of the process.
+        let w = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }?;
+        self.workspaces.insert(key, w);
+        Ok(w)
     }
 
     fn plan(&mut self, p: &Problem) -> Result<&Plan> {
@@ -395,16 +432,25 @@ impl Device {
         })
     }
 
-    /// `D = op(first) · op(second)` for device pointers laid out as `p` says, then waits for it.
-    fn matmul(&mut self, p: &Problem, first: u64, second: u64, out: u64) -> Result<()> {
-        let (handle, workspace) = (self.handle, self.workspace);
-        let stream = self.stream.cu_stream();
+    /// `D = op(first) · op(second)` for device pointers `[first, second, D]` laid out as `p`
+    /// says: queued on `stream` (CubeCL's), or run on this module's stream and waited for.
+    fn matmul(
+        &mut self,
+        p: &Problem,
+        [first, second, out]: [u64; 3],
+        stream: Option<sys::cudaStream_t>,
+    ) -> Result<()> {
+        let own = stream.is_none();
+        let stream = stream.unwrap_or_else(|| self.stream.cu_stream().cast());
+        let workspace = self.workspace(stream)?;
+        let handle = self.handle;
         let plan = self.plan(p)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let ptr = |p: u64| p as *const c_void;
-        // SAFETY: the pointers are live CubeCL allocations of the layouts' sizes (held by the
-        // caller until this returns), the plan was made for these layouts, and the stream is
-        // waited for before returning.
+        // SAFETY: the pointers are live CubeCL allocations of the layouts' sizes, and the plan
+        // was made for these layouts. On CubeCL's stream the product is ordered before any
+        // later use or reuse of that memory, as CubeCL's own kernels are; on this module's
+        // stream the caller holds the memory until this returns, after the product.
         unsafe {
             lt::matmul(
                 handle,
@@ -422,12 +468,157 @@ impl Device {
                 &plan.algo,
                 workspace as *mut c_void,
                 WORKSPACE_BYTES,
-                stream.cast(),
+                stream,
             )
             .map_err(|e| anyhow!("cublasLtMatmul: {e}"))?;
         }
-        self.stream.synchronize()?;
+        if own {
+            self.stream.synchronize()?;
+        }
         Ok(())
+    }
+}
+
+/// CubeCL's CUDA stream, found through CUPTI.
+///
+/// CubeCL 0.10 keeps its streams (one per host thread that launches work) to itself. A
+/// product on another stream must wait for CubeCL's queue on the host and then for itself: a
+/// pipeline drain per product. CUPTI's callback API reports the arguments of driver calls, so
+/// one `cuEventRecord` that CubeCL makes on its stream (a `sync`, issued on CubeCL's device
+/// thread) names the stream; products are then queued on it like CubeCL's own kernels.
+/// Without libcupti, or when another CUPTI client holds the callbacks (a profiler such as
+/// `ncu`), or with `PALM_GEMM_STREAM=own`, products drain as before.
+mod stream {
+    use std::collections::HashMap;
+    use std::ffi::c_void;
+    use std::sync::Mutex;
+    use std::thread::ThreadId;
+
+    use anyhow::{Result, anyhow, bail};
+    use burn_cubecl::cubecl::client::ComputeClient;
+    use burn_cubecl::cubecl::cuda::CudaRuntime;
+    use burn_cubecl::cubecl::stream_id::StreamId;
+    use cudarc::cublaslt::sys::cudaStream_t;
+    use cudarc::cupti::sys as cupti;
+
+    /// The stream found per CubeCL stream id (`None`: not found, drain instead).
+    static STREAMS: Mutex<Option<HashMap<u64, Option<usize>>>> = Mutex::new(None);
+    /// While a search runs: its thread and the streams of the events recorded on it.
+    static SEEN: Mutex<Option<(ThreadId, Vec<usize>)>> = Mutex::new(None);
+
+    /// Whether products may go to CubeCL's stream (`PALM_GEMM_STREAM=own` says no).
+    pub fn wanted() -> bool {
+        std::env::var("PALM_GEMM_STREAM").map_or(true, |v| v != "own")
+    }
+
+    /// CubeCL's stream for the calling stream id, searched for on first use. Runs on CubeCL's
+    /// device thread (inside `ComputeClient::exclusive`), where the client's calls run inline.
+    pub fn backend_stream(client: &ComputeClient<CudaRuntime>) -> Option<cudaStream_t> {
+        if !wanted() {
+            return None;
+        }
+        let key = StreamId::current().value;
+        let mut streams = STREAMS.lock().unwrap_or_else(|e| e.into_inner());
+        let streams = streams.get_or_insert_with(HashMap::new);
+        let found = *streams.entry(key).or_insert_with(|| match search(client) {
+            Ok(s) => {
+                tracing::debug!("cuBLASLt products run on CubeCL's stream {s:#x}");
+                Some(s)
+            }
+            Err(e) => {
+                tracing::warn!("{e:#}: each cuBLASLt product waits for the device");
+                None
+            }
+        });
+        found.map(|s| s as cudaStream_t)
+    }
+
+    /// Records the stream of each `cuEventRecord` made on the searching thread.
+    unsafe extern "C" fn on_driver_call(
+        _: *mut c_void,
+        domain: cupti::CUpti_CallbackDomain,
+        cbid: cupti::CUpti_CallbackId,
+        data: *const c_void,
+    ) {
+        let record = cupti::CUpti_driver_api_trace_cbid_enum::CUPTI_DRIVER_TRACE_CBID_cuEventRecord;
+        if domain != cupti::CUpti_CallbackDomain::CUPTI_CB_DOMAIN_DRIVER_API
+            || cbid != record as u32
+            || data.is_null()
+        {
+            return;
+        }
+        // SAFETY: for the driver domain CUPTI passes a `CUpti_CallbackData` whose parameters
+        // are those of the call `cbid` names, `cuEventRecord`'s.
+        let stream = unsafe {
+            let data = &*data.cast::<cupti::CUpti_CallbackData>();
+            if data.callbackSite != cupti::CUpti_ApiCallbackSite::CUPTI_API_ENTER
+                || data.functionParams.is_null()
+            {
+                return;
+            }
+            (*data.functionParams.cast::<cupti::cuEventRecord_params>()).hStream as usize
+        };
+        if let Ok(mut seen) = SEEN.lock()
+            && let Some((thread, streams)) = seen.as_mut()
+            && *thread == std::thread::current().id()
+        {
+            streams.push(stream);
+        }
+    }
+
+    /// Subscribes to `cuEventRecord`, has CubeCL synchronise the calling stream id (it records
+    /// an event on its stream, on this thread), unsubscribes and returns the one stream seen.
+    fn search(client: &ComputeClient<CudaRuntime>) -> Result<usize> {
+        let check = |r: cupti::CUptiResult, what: &str| {
+            if r == cupti::CUptiResult::CUPTI_SUCCESS {
+                Ok(())
+            } else {
+                Err(anyhow!("{what}: {r:?}"))
+            }
+        };
+        // SAFETY: loading a library by its usual names.
+        if !unsafe { cupti::is_culib_present() } {
+            bail!("libcupti was not found");
+        }
+        *SEEN.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::thread::current().id(), vec![]));
+        let mut subscriber: cupti::CUpti_SubscriberHandle = std::ptr::null_mut();
+        // SAFETY: the callback only reads the documented callback data; the subscription ends
+        // before this function returns.
+        let synced = unsafe {
+            check(
+                cupti::cuptiSubscribe(&mut subscriber, Some(on_driver_call), std::ptr::null_mut()),
+                "cuptiSubscribe",
+            )?;
+            let record =
+                cupti::CUpti_driver_api_trace_cbid_enum::CUPTI_DRIVER_TRACE_CBID_cuEventRecord;
+            let enabled = check(
+                cupti::cuptiEnableCallback(
+                    1,
+                    subscriber,
+                    cupti::CUpti_CallbackDomain::CUPTI_CB_DOMAIN_DRIVER_API,
+                    record as u32,
+                ),
+                "cuptiEnableCallback",
+            );
+            let synced = enabled.and_then(|()| {
+                burn_cubecl::cubecl::future::block_on(client.sync())
+                    .map_err(|e| anyhow!("CubeCL's sync: {e:?}"))
+            });
+            check(cupti::cuptiUnsubscribe(subscriber), "cuptiUnsubscribe")?;
+            synced
+        };
+        let (_, mut seen) = SEEN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("set above");
+        synced?;
+        seen.dedup();
+        match seen[..] {
+            [stream] if stream != 0 => Ok(stream),
+            _ => bail!("CubeCL's stream was not identified (events recorded on {seen:x?})"),
+        }
     }
 }
 
@@ -439,6 +630,21 @@ mod tests {
     use burn_cubecl::cubecl::cuda::CudaDevice;
 
     type B = Autodiff<Gpu>;
+
+    #[test]
+    fn cupti_finds_cubecls_stream_for_each_thread() {
+        // Two threads launch on two CubeCL streams; each is found, and they differ.
+        let found = || {
+            let client = CudaRuntime::client(&CudaDevice::new(0));
+            client
+                .exclusive(|| stream::backend_stream(&client).map(|s| s as usize))
+                .unwrap()
+        };
+        let here = found().expect("CubeCL's stream found through CUPTI (libcupti on the path?)");
+        let there = std::thread::spawn(found).join().unwrap();
+        assert_eq!(found(), Some(here), "the same stream the second time");
+        assert!(there.is_some_and(|s| s != here), "{there:x?} vs {here:x}");
+    }
 
     #[test]
     fn cublaslt_products_and_their_gradients_match_burns_matmul() {
