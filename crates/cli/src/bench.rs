@@ -123,12 +123,15 @@ fn train_flops(config: &ModelConfig, src: usize, tgt: usize) -> f64 {
 }
 
 /// Which kernels the linear layers' large products ran on: `cublaslt` (CUDA, unless
-/// `PALM_GEMM=burn`) or `burn`.
+/// `PALM_GEMM=burn`; `cublaslt-drain` when each waits for the device because CubeCL's stream
+/// was not found) or `burn`.
 fn gemm_route<B: Backend>() -> &'static str {
-    if palm_model::dense::has_gemm::<B>() {
-        "cublaslt"
-    } else {
+    if !palm_model::dense::has_gemm::<B>() {
         "burn"
+    } else if crate::cublaslt::on_backend_stream() == Some(false) {
+        "cublaslt-drain"
+    } else {
+        "cublaslt"
     }
 }
 

@@ -19,15 +19,19 @@
 //! Ordering: CubeCL launches on a stream of its own (one per host thread) that it does not
 //! expose. Each product runs on CubeCL's device thread, after everything queued before it
 //! (`ComputeClient::exclusive`), and is queued on CubeCL's stream, which CUPTI's callbacks
-//! reveal (see `ffi::stream`): no wait for the device, as for CubeCL's own kernels. Where the
-//! stream cannot be found (no libcupti, a profiler holding CUPTI, `PALM_GEMM_STREAM=own`), a
-//! product waits for the backend's queue, runs on this module's stream and waits for itself:
-//! a pipeline drain per product, up to 0.3 ms on an H200 (beam search at batch 64 with its
-//! ~150 products per step routed ran at 928 tokens/s in bf16-mixed, against ~3,300 for f32 on
-//! burn's kernels), while training at batch 256 gained 10%. So products are routed from
-//! [`IN_STREAM_MIN_MACS`] multiply-accumulates on CubeCL's stream, and only from
-//! [`MIN_MACS`] (a training step's at batch 256, where a GEMM takes milliseconds) when they
-//! drain.
+//! reveal (see `ffi::stream`): no wait for the device, as for CubeCL's own kernels (training
+//! at batch 256 in `bf16-mixed`: 479 samples/s with a drain per product, 711 without). Where
+//! the stream cannot be found (no libcupti, a profiler holding CUPTI,
+//! `PALM_GEMM_STREAM=own`), a product waits for the backend's queue, runs on this module's
+//! stream and waits for itself: a pipeline drain per product.
+//!
+//! Either way a product costs a round trip to CubeCL's device thread, which stops the host
+//! thread building operations and the device thread launching them from overlapping. Beam
+//! search, bound by those two threads rather than by the device, lost by it: at batch 64 with
+//! every product of a step routed on CubeCL's stream, 3,080 tokens/s against 5,022 on burn's
+//! kernels (2026-11-30). So only products of at least [`MIN_MACS`] multiply-accumulates are
+//! routed: a training step's at batch 256, where a GEMM takes milliseconds; decoding keeps
+//! burn's kernels.
 //!
 //! f32 operands run with TF32 tensor-core arithmetic (`CUBLAS_COMPUTE_32F_FAST_TF32`, as
 //! PyTorch with `allow_tf32`, and as burn's own f32 kernels do); bf16 and f16 with f32
@@ -38,27 +42,25 @@ use burn::tensor::DType;
 #[cfg(feature = "cuda")]
 mod ffi;
 #[cfg(feature = "cuda")]
-pub use ffi::install;
+pub use ffi::{install, on_backend_stream};
 
-/// Products smaller than this many multiply-accumulates keep burn's kernels when cuBLASLt's
-/// products drain the pipeline: 2³³ (8.6·10⁹),
+/// Where cuBLASLt's products run (see the CUDA build's `ffi::on_backend_stream`): never,
+/// without CUDA.
+#[cfg(not(feature = "cuda"))]
+pub fn on_backend_stream() -> Option<bool> {
+    None
+}
+
+/// Products smaller than this many multiply-accumulates keep burn's kernels: 2³³ (8.6·10⁹),
 /// so every linear layer of a PALM-base training step at batch 256 (16,384 rows × 768 × 768
 /// and up) goes to cuBLASLt, and a beam-search step at batch 64 (320 rows; its output
 /// projection × 21,128 is 5.2·10⁹) stays on burn's kernels.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub const MIN_MACS: usize = 1 << 33;
 
-/// The threshold on CubeCL's stream, where a product costs one round trip to CubeCL's device
-/// thread and no drain: 2²⁴ (1.7·10⁷), so a beam-search step's products at batch 64 (320 rows
-/// × 768 × 768 and up) and its output projection at batch 1 (5 × 768 × 21,128) go to cuBLASLt,
-/// and the 5-row linear layers at batch 1 keep burn's kernels.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub const IN_STREAM_MIN_MACS: usize = 1 << 24;
-
 /// Whether cuBLASLt takes `[m, k] · [k, n]` in `dtype`, for products of at least `min_macs`
-/// multiply-accumulates ([`IN_STREAM_MIN_MACS`] or [`MIN_MACS`] unless `PALM_GEMM_MIN_MACS`
-/// says otherwise: 0 sends every product there, which the CUDA checks use on the small fixture
-/// model).
+/// multiply-accumulates ([`MIN_MACS`] unless `PALM_GEMM_MIN_MACS` says otherwise: 0 sends
+/// every product there, which the CUDA checks use on the small fixture model).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn routed(dtype: DType, m: usize, k: usize, n: usize, min_macs: usize) -> bool {
     let macs = m * k * n;
@@ -142,13 +144,9 @@ mod tests {
         // Training at batch 256: every linear layer, forward and backward.
         assert!(routed(DType::F32, 16384, 768, 768, MIN_MACS));
         assert!(routed(DType::BF16, 768, 16384, 768, MIN_MACS));
-        // Beam search at batch 64 (320 rows), its output projection included: only when the
-        // products run on CubeCL's stream.
+        // Beam search at batch 64 (320 rows), its output projection included.
         assert!(!routed(DType::F32, 320, 768, 21128, MIN_MACS));
         assert!(!routed(DType::F32, 5, 768, 768, MIN_MACS));
-        assert!(routed(DType::F32, 320, 768, 768, IN_STREAM_MIN_MACS));
-        assert!(routed(DType::BF16, 5, 768, 21128, IN_STREAM_MIN_MACS));
-        assert!(!routed(DType::F32, 5, 768, 3072, IN_STREAM_MIN_MACS));
         assert!(routed(DType::F32, 5, 768, 768, 0));
         assert!(!routed(DType::F64, 16384, 768, 768, 0));
         // An empty product has no valid cuBLASLt layout.

@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{DType, Shape, TensorPrimitive};
 
-use super::{IN_STREAM_MIN_MACS, MIN_MACS, Operand, operand, routed};
+use super::{MIN_MACS, Operand, operand, routed};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
@@ -50,7 +50,7 @@ pub fn install(index: usize) -> Result<()> {
     // not a panic in the middle of a step.
     std::panic::catch_unwind(|| with_device(index, |_| Ok(())))
         .map_err(|_| anyhow!("cuBLASLt could not be loaded (libcublasLt.so)"))??;
-    // Finds CubeCL's stream for this thread now, to set the routing threshold.
+    // Finds CubeCL's stream for this thread now (a missing libcupti is reported once, here).
     let client = CudaRuntime::client(&CudaDevice::new(index));
     let found = client
         .exclusive(|| stream::backend_stream(&client).is_some())
@@ -75,19 +75,20 @@ fn wrap<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 2> {
 /// Whether [`install`] found CubeCL's stream for its thread (products then do not drain).
 static IN_STREAM: OnceLock<bool> = OnceLock::new();
 
-/// `PALM_GEMM_MIN_MACS`, or [`IN_STREAM_MIN_MACS`] when products run on CubeCL's stream and
-/// [`MIN_MACS`] when they drain.
+/// Where products run, for reports: `Some(true)` on CubeCL's stream, `Some(false)` on this
+/// module's with a drain each, `None` when cuBLASLt is not installed.
+pub fn on_backend_stream() -> Option<bool> {
+    IN_STREAM.get().copied()
+}
+
+/// [`MIN_MACS`], or `PALM_GEMM_MIN_MACS`.
 fn min_macs() -> usize {
     static MIN: OnceLock<usize> = OnceLock::new();
     *MIN.get_or_init(|| {
         std::env::var("PALM_GEMM_MIN_MACS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(if IN_STREAM.get() == Some(&true) {
-                IN_STREAM_MIN_MACS
-            } else {
-                MIN_MACS
-            })
+            .unwrap_or(MIN_MACS)
     })
 }
 
