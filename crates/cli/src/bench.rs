@@ -209,7 +209,6 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
             "last_loss": last,
             "dropout": args.dropout.map_or(serde_json::json!("reference"), |p| p.into()),
             "gemm": gemm_route::<B>(),
-            "embedding_grad_kernel": palm_model::grad::has_embedding_grad::<B>(),
         }))?;
     }
     Ok(())

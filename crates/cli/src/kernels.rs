@@ -15,26 +15,15 @@
 //!
 //! f32 only (what inference runs in, `bf16-mixed` included); other float types and strided
 //! inputs take burn's operations.
-//!
-//! For training (the backend under fusion, [`crate::device::Gpu`]) one more: the embedding
-//! tables' gradient ([`palm_model::grad::set_embedding_grad`]) as an atomic add of each output
-//! row into its id's row, one thread per element. burn's `select_add` runs one thread per
-//! column over every id in turn (768 threads for the 32,768 source tokens of a batch of 256),
-//! tens of milliseconds per table. Atomic float additions make the sum's order, and so its last
-//! bits, vary from run to run (as PyTorch's `index_add_` on CUDA).
 
 use burn::prelude::*;
-use burn::tensor::{DType, Shape, TensorPrimitive};
-use burn_cubecl::CubeBackend;
+use burn::tensor::{DType, TensorPrimitive};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::cubecl::{self, CubeCount, CubeDim};
 use burn_cubecl::tensor::CubeTensor;
-use burn_fusion::stream::{Operation, OperationStreams};
-use burn_fusion::{FusionBackend, FusionRuntime, FusionTensor};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
-use palm_model::grad::{EmbeddingGradFn, RowOps, set_embedding_grad, set_row_kernels};
+use palm_model::grad::{RowOps, set_row_kernels};
 
-use crate::device::{Gpu, GpuUnfused};
+use crate::device::GpuUnfused;
 
 /// Lanes per row: one plane (a warp on NVIDIA GPUs).
 const LANES: u32 = 32;
@@ -100,20 +89,6 @@ mod device_code {
         let sum = plane_sum(sum);
         for i in range_stepped(lane, d, 32usize) {
             out[base + i] = F::exp(x[base + i] - max) / sum;
-        }
-    }
-
-    /// `out[ids[r], c] += grad[r, c]` for every element of `grad [n, d]`.
-    #[cube(launch)]
-    pub fn embedding_grad_add(
-        grad: &Tensor<f32>,
-        ids: &Tensor<i32>,
-        out: &mut Tensor<Atomic<f32>>,
-        d: usize,
-    ) {
-        if ABSOLUTE_POS < grad.len() {
-            let id = usize::cast_from(ids[ABSOLUTE_POS / d]);
-            out[id * d + ABSOLUTE_POS % d].fetch_add(grad[ABSOLUTE_POS]);
         }
     }
 
@@ -233,98 +208,14 @@ fn gelu_tanh(x: Tensor<GpuUnfused, 2>) -> Tensor<GpuUnfused, 2> {
     wrap(out)
 }
 
-/// Whether our kernels replace burn's operations (`PALM_KERNELS=burn` says no).
-fn wanted() -> bool {
-    !std::env::var("PALM_KERNELS").is_ok_and(|v| v == "burn")
-}
-
 /// Puts the kernels on the inference backend, unless `PALM_KERNELS=burn`.
 pub fn install() {
-    set_row_kernels::<GpuUnfused>(wanted().then_some(RowOps {
+    let on = !std::env::var("PALM_KERNELS").is_ok_and(|v| v == "burn");
+    set_row_kernels::<GpuUnfused>(on.then_some(RowOps {
         layer_norm,
         softmax,
         gelu_tanh,
     }));
-}
-
-/// Puts the embedding gradient on the training backend, unless `PALM_KERNELS=burn`.
-pub fn install_training() {
-    let grad: EmbeddingGradFn<Gpu> = embedding_grad;
-    set_embedding_grad::<Gpu>(wanted().then_some(grad));
-}
-
-type FusionR = <CubeBackend<CudaRuntime, f32, i32, u8> as FusionBackend>::FusionRuntime;
-type FusionHandle = <FusionR as FusionRuntime>::FusionHandle;
-
-/// The embedding table's gradient `[vocab, d]` from the output gradient `[n, d]` and the ids
-/// `[n]`: a custom operation in burn-fusion's stream running [`cube_embedding_grad`] (f32
-/// gradients and i32 ids), else burn's.
-fn embedding_grad(grad: Tensor<Gpu, 2>, ids: Tensor<Gpu, 1, Int>, vocab: usize) -> Tensor<Gpu, 2> {
-    #[derive(Debug)]
-    struct EmbeddingGradOp {
-        desc: CustomOpIr,
-        vocab: usize,
-    }
-
-    impl Operation<FusionR> for EmbeddingGradOp {
-        fn execute(&self, handles: &mut HandleContainer<FusionHandle>) {
-            let ([grad, ids], [out]) = self.desc.as_fixed();
-            let grad = handles.get_float_tensor::<CubeBackend<CudaRuntime, f32, i32, u8>>(grad);
-            let ids = handles.get_int_tensor::<CubeBackend<CudaRuntime, f32, i32, u8>>(ids);
-            let out_tensor = cube_embedding_grad(grad, ids, self.vocab);
-            handles.register_float_tensor::<CubeBackend<CudaRuntime, f32, i32, u8>>(
-                &out.id, out_tensor,
-            );
-        }
-    }
-
-    let [_, d] = grad.dims();
-    let g: FusionTensor<FusionR> = grad.clone().into_primitive().tensor();
-    let i: FusionTensor<FusionR> = ids.clone().into_primitive();
-    if g.dtype != DType::F32 || i.dtype != DType::I32 || grad.shape().num_elements() == 0 {
-        return palm_model::grad::burn_embedding_grad(grad, ids, vocab);
-    }
-    let streams = OperationStreams::with_inputs([&g, &i]);
-    let client = g.client.clone();
-    let out = TensorIr::uninit(
-        client.create_empty_handle(),
-        Shape::new([vocab, d]),
-        DType::F32,
-    );
-    let desc = CustomOpIr::new("palm_embedding_grad", &[g.into_ir(), i.into_ir()], &[out]);
-    let out = client
-        .register(
-            streams,
-            OperationIr::Custom(desc.clone()),
-            EmbeddingGradOp { desc, vocab },
-        )
-        .output();
-    Tensor::from_primitive(TensorPrimitive::Float(out))
-}
-
-/// [`embedding_grad`] on CubeCL tensors: zeros, then one atomic add per gradient element.
-fn cube_embedding_grad(grad: Cube, ids: Cube, vocab: usize) -> Cube {
-    let grad = burn_cubecl::kernel::into_contiguous(grad);
-    let ids = burn_cubecl::kernel::into_contiguous(ids);
-    let (n, d) = (grad.meta.shape()[0], grad.meta.shape()[1]);
-    let out = burn_cubecl::ops::numeric::zeros_client(
-        grad.client.clone(),
-        grad.device.clone(),
-        Shape::new([vocab, d]),
-        DType::F32,
-    );
-    let cube_dim = CubeDim::new_1d(ELEMENTWISE_CUBE);
-    let count = cubecl::calculate_cube_count_elemwise(&grad.client, n * d, cube_dim);
-    device_code::embedding_grad_add::launch::<CudaRuntime>(
-        &grad.client,
-        count,
-        cube_dim,
-        grad.clone().into_tensor_arg(),
-        ids.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        d,
-    );
-    out
 }
 
 #[cfg(test)]
@@ -333,21 +224,6 @@ mod tests {
     use super::*;
     use burn::tensor::{Distribution, Tolerance};
     use burn_cubecl::cubecl::cuda::CudaDevice;
-
-    #[test]
-    fn embedding_grad_kernel_matches_burns_scatter() {
-        let device = CudaDevice::new(0);
-        // Ids with many repeats (a small vocabulary), as PAD and frequent tokens give; more
-        // elements than one cube count side holds.
-        let (n, d, vocab) = (70_000, 24, 50);
-        let grad = Tensor::<Gpu, 2>::random([n, d], Distribution::Normal(0.0, 1.0), &device);
-        let ids = Tensor::<Gpu, 1, Int>::random([n], Distribution::Uniform(0.0, 50.0), &device);
-        let ours = embedding_grad(grad.clone(), ids.clone(), vocab);
-        let burns = palm_model::grad::burn_embedding_grad(grad, ids, vocab);
-        assert_eq!(ours.dims(), [vocab, d]);
-        ours.into_data()
-            .assert_approx_eq::<f32>(&burns.into_data(), Tolerance::rel_abs(1e-4, 1e-3));
-    }
 
     #[test]
     fn kernels_match_burns_operations() {

@@ -34,15 +34,12 @@ impl<B: Backend> BertEmbeddings<B> {
     /// are added as broadcast slices rather than gathered per token: the same sums forward,
     /// and a gradient that is a reduction over the batch instead of a scatter-add of every
     /// token's row (burn's CubeCL scatter runs one thread per column over all `b × s` tokens,
-    /// about 10 ms per table at batch 256 on an H200). The word table's lookup is
-    /// [`grad::embedding`], whose gradient a binary may compute with its own kernel.
+    /// about 10 ms per table at batch 256 on an H200).
     pub fn sum(&self, src: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [_, s] = src.dims();
         let position = self.position_embeddings.weight.val().slice(0..s);
         let token_type = self.token_type_embeddings.weight.val().slice(0..1);
-        grad::embedding(&self.word_embeddings, src)
-            + position.unsqueeze::<3>()
-            + token_type.unsqueeze::<3>()
+        self.word_embeddings.forward(src) + position.unsqueeze::<3>() + token_type.unsqueeze::<3>()
     }
 }
 

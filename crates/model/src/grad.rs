@@ -1,6 +1,5 @@
 //! Layer norm, softmax, tanh-GELU and the smoothed cross-entropy from logits with their
-//! backward passes written out for burn's autodiff backend, dropout with a one-byte mask, and
-//! embedding lookups whose table gradient a binary may compute with a kernel of its own.
+//! backward passes written out for burn's autodiff backend, and dropout with a one-byte mask.
 //!
 //! burn 0.21 differentiates the first three through their decompositions: a layer norm becomes
 //! nine tracked operations, each keeping its inputs (the centred input, the variance, the
@@ -17,7 +16,7 @@
 //! operations in the same order as burn's. An inference backend may instead get single-kernel
 //! forward passes of the first three from the binary ([`set_row_kernels`]).
 
-use burn::nn::{Dropout, Embedding, LayerNorm};
+use burn::nn::{Dropout, LayerNorm};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::gelu_approximate;
@@ -76,94 +75,6 @@ impl<B: Backend> Copy for Written<B> {}
 
 static WRITTEN: PerBackend = PerBackend::new();
 static ROW_KERNELS: PerBackend = PerBackend::new();
-static EMBEDDING_GRADS: PerBackend = PerBackend::new();
-static EMBEDDINGS: PerBackend = PerBackend::new();
-
-/// The gradient of an embedding table on one backend: `(output gradient [n, d], ids [n],
-/// vocabulary)` → `[vocabulary, d]`, each output row added into its id's row.
-pub type EmbeddingGradFn<B> = fn(Tensor<B, 2>, Tensor<B, 1, Int>, usize) -> Tensor<B, 2>;
-
-/// A lookup `(table [V, d], ids [b, t])` → `[b, t, d]` of a training backend.
-type EmbeddingFn<B> = fn(Tensor<B, 2>, Tensor<B, 2, Int>) -> Tensor<B, 3>;
-
-/// Computes the embedding tables' gradients of training backend `Autodiff<I>` with `grad`
-/// (`None`: burn's again). burn's is a `select_add` into zeros, whose CubeCL kernel runs one
-/// thread per column over every id in turn: 768 threads for 16,384 or 32,768 rows at batch
-/// 256, tens of milliseconds per table on an H200.
-pub fn set_embedding_grad<I: Backend>(grad: Option<EmbeddingGradFn<I>>) {
-    EMBEDDING_GRADS.set::<I, _>(grad);
-    let lookup: EmbeddingFn<Autodiff<I>> = autodiff_embedding::<I>;
-    EMBEDDINGS.set::<Autodiff<I>, _>(grad.map(|_| lookup));
-}
-
-/// Whether [`set_embedding_grad`] put a gradient on training backend `B` (benchmarks report
-/// which path they measured).
-pub fn has_embedding_grad<B: Backend>() -> bool {
-    EMBEDDINGS.get::<B, EmbeddingFn<B>>().is_some()
-}
-
-/// The rows `ids [b, t]` of `table`: `[b, t, d]`, burn's `Embedding::forward`, with the table's
-/// gradient from [`set_embedding_grad`] where one is set.
-pub fn embedding<B: Backend>(table: &Embedding<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-    match EMBEDDINGS.get::<B, EmbeddingFn<B>>() {
-        Some(lookup) => lookup(table.weight.val(), ids),
-        None => table.forward(ids),
-    }
-}
-
-/// burn's gradient of an embedding table, as [`EmbeddingGradFn`]: a `select_add` into zeros.
-pub fn burn_embedding_grad<B: Backend>(
-    grad: Tensor<B, 2>,
-    ids: Tensor<B, 1, Int>,
-    vocab: usize,
-) -> Tensor<B, 2> {
-    let [_, d] = grad.dims();
-    let zeros = Tensor::<B, 2>::zeros([vocab, d], &grad.device()).cast(grad.dtype());
-    zeros.select_assign(0, ids, grad, IndexingUpdateOp::Add)
-}
-
-fn autodiff_embedding<I: Backend>(
-    table: Tensor<Autodiff<I>, 2>,
-    ids: Tensor<Autodiff<I>, 2, Int>,
-) -> Tensor<Autodiff<I>, 3> {
-    #[derive(Debug)]
-    struct EmbeddingBackward;
-
-    impl<I: Backend> Backward<I, 1> for EmbeddingBackward {
-        /// The flattened ids and the vocabulary size.
-        type State = (burn::tensor::ops::IntTensor<I>, usize);
-
-        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let (ids, vocab) = ops.state;
-            burn_autodiff::ops::unary::<I, _>(ops.parents, ops.node, grads, |grad| {
-                let grad: Tensor<I, 3> = wrap(grad);
-                let [b, t, d] = grad.dims();
-                let grad = grad.reshape([b * t, d]);
-                let ids = Tensor::<I, 1, Int>::from_primitive(ids);
-                let f = EMBEDDING_GRADS
-                    .get::<I, EmbeddingGradFn<I>>()
-                    .unwrap_or(burn_embedding_grad::<I>);
-                prim(f(grad, ids, vocab))
-            });
-        }
-    }
-
-    let [b, t] = ids.dims();
-    let [vocab, d] = table.dims();
-    let ids = Tensor::<I, 2, Int>::from_primitive(ids.into_primitive()).reshape([b * t]);
-    let table = table.into_primitive().tensor();
-    let rows: Tensor<I, 2> = wrap::<I, 2>(table.primitive.clone()).select(0, ids.clone());
-    let out = prim(rows.reshape([b, t, d]));
-    let out = match EmbeddingBackward
-        .prepare::<NoCheckpointing>([table.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((ids.into_primitive(), vocab), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    wrap(out)
-}
 
 /// Runs [`layer_norm`], [`softmax`] and [`gelu_tanh`] on backend `B` through `kernels` (`None`:
 /// burn's operations again). For inference backends, where burn runs each as a chain of
@@ -498,18 +409,20 @@ fn autodiff_smoothed_cross_entropy<I: Backend>(
             let (on_gold, other) = target_weights(smoothing, vocab);
             let device = z.device();
             // dz = softmax(z) − q, with q = s everywhere, then 0 on PAD (a [1, V] row) and
-            // 1 − ε on the gold id (a comparison with the column index, which fuses with the
-            // rest: a scatter into [rows, V] was its own pass, 22 ms at batch 256 on an
-            // H200). No [rows, V] target is stored. A gold PAD row is masked by the caller, so
-            // its target does not matter.
-            let columns = Tensor::<I, 1, Int>::arange(0..vocab as i64, &device).unsqueeze::<2>();
-            let pad_row = columns.clone().equal_elem(pad as i64).float() * other;
-            let on_gold_col = columns
-                .expand([rows, vocab])
-                .equal(gold.unsqueeze_dim::<2>(1).expand([rows, vocab]))
+            // 1 − ε on the gold id (a scatter of one value per row): no [rows, V] target is
+            // formed. A gold PAD row is masked by the caller, so its target does not matter.
+            let pad_row = Tensor::<I, 1, Int>::arange(0..vocab as i64, &device)
+                .equal_elem(pad as i64)
                 .float()
-                * (other - on_gold);
-            let dz = ((z - lse).exp() - other + pad_row + on_gold_col) * g.unsqueeze_dim::<2>(1);
+                .unsqueeze::<2>()
+                * other;
+            let dz = (z - lse).exp() - other + pad_row;
+            let dz = dz.scatter(
+                1,
+                gold.unsqueeze_dim::<2>(1),
+                Tensor::full([rows, 1], other - on_gold, &device),
+                IndexingUpdateOp::Add,
+            ) * g.unsqueeze_dim::<2>(1);
             grads.register::<I>(node.id, prim(dz));
         }
     }
