@@ -11,7 +11,9 @@
 # only), TRAIN=0 (palm's decoding only), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks),
 # DEMO_ARGS, PROFILE_PARTS (train and/or decode), SAVE_CACHE=0, *_TIMEOUT; palm's own
 # switches pass through (PALM_GEMM=burn, PALM_BACKWARD=burn, PALM_GEMM_MIN_MACS,
-# PALM_CROSS_ATTENTION=decomposed, PALM_FUSION=0, PALM_GEMM_STREAM=own).
+# PALM_CROSS_ATTENTION=decomposed, PALM_FUSION=1, PALM_KERNELS=burn, PALM_GEMM_STREAM=own).
+# REV names the binary's commit in results.jsonl: pass the one `cargo xtask bench gpu` prints
+# (`git rev-parse` on the GPU machine reports the tree it was handed, not the build's).
 set -uo pipefail
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 # libcupti (palm finds CubeCL's stream through it) may live among the toolkit's extras.
@@ -146,12 +148,6 @@ print(''.join(json.dumps({'src': s, 'tgt': t}, ensure_ascii=False) + '\n' for s,
             --beam-size 4 --alpha 0.95 --min-length 3 --max-length 24 --batch-size 16 \
             --output "$W/gen_$d.jsonl" >> "$L" 2>&1
     done
-    # The cuBLASLt route against burn's matmul, with gradients (the binary's CUDA unit tests).
-    if [[ -f .devcarry/palm-unit.gz && ${UNIT:-1} == 1 ]]; then
-        gunzip -kf .devcarry/palm-unit.gz
-        timeout ${UNIT_TIMEOUT:-300} .devcarry/palm-unit cublaslt >> "$L" 2>&1
-        echo "{\"check\": \"cublaslt_unit_tests\", \"rc\": $?}" >> "$R"
-    fi
     python3 - "$W" >> "$R" <<'PY'
 import json, sys
 w = sys.argv[1]
@@ -173,6 +169,15 @@ for d in ("cuda", "cublaslt"):
                       "nll_max_rel_diff": rel, "nll_max_abs_diff_per_token": per_token,
                       "generate_identical": same}))
 PY
+fi
+# The binary's CUDA unit tests: the cuBLASLt route against burn's matmul with gradients, the
+# CUPTI stream search, the row kernels against burn's operations.
+if [[ ($PART == all || $PART == checks) && -f .devcarry/palm-unit.gz && ${UNIT:-1} == 1 ]]; then
+    gunzip -kf .devcarry/palm-unit.gz
+    for t in cublaslt kernels; do
+        timeout ${UNIT_TIMEOUT:-300} .devcarry/palm-unit $t >> "$L" 2>&1
+        echo "{\"check\": \"${t}_unit_tests\", \"rc\": $?}" >> "$R"
+    done
 fi
 if [[ $PART == all || ($PART == checks && ${DEMO:-1} == 1) ]]; then
     # A short fine-tuning run on the demo data, to compare with the CPU run's metrics.
