@@ -217,12 +217,13 @@ fn cube_gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> CubeTens
     // operands' memory, then the product on CubeCL's own stream (no wait for the device), or,
     // where that stream is unknown, on this module's after draining CubeCL's.
     let run = || -> Result<()> {
+        // Errors, not panics: this runs on CubeCL's device thread.
         let resource = |t: &CubeTensor<CudaRuntime>| {
             client
                 .get_resource(t.handle.clone())
-                .expect("a CUDA tensor's memory")
+                .map_err(|e| anyhow!("a CUDA tensor's memory: {e:?}"))
         };
-        let (ra, rb, rout) = (resource(&a), resource(&b), resource(&out));
+        let (ra, rb, rout) = (resource(&a)?, resource(&b)?, resource(&out)?);
         // Row-major C = A · B is column-major Cᵀ = Bᵀ · Aᵀ: cuBLASLt's first operand is B.
         let problem = Problem {
             dtype: a.dtype,
