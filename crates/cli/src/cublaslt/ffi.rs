@@ -493,7 +493,7 @@ impl Device {
 mod stream {
     use std::collections::HashMap;
     use std::ffi::c_void;
-    use std::sync::Mutex;
+    use std::sync::{Mutex, OnceLock};
     use std::thread::ThreadId;
 
     use anyhow::{Result, anyhow, bail};
@@ -508,9 +508,15 @@ mod stream {
     /// While a search runs: its thread and the streams of the events recorded on it.
     static SEEN: Mutex<Option<(ThreadId, Vec<usize>)>> = Mutex::new(None);
 
-    /// Whether products may go to CubeCL's stream (`PALM_GEMM_STREAM=own` says no).
-    pub fn wanted() -> bool {
-        std::env::var("PALM_GEMM_STREAM").map_or(true, |v| v != "own")
+    /// The driver call whose stream argument names CubeCL's stream.
+    const EVENT_RECORD: u32 =
+        cupti::CUpti_driver_api_trace_cbid_enum::CUPTI_DRIVER_TRACE_CBID_cuEventRecord as u32;
+
+    /// Whether products may go to CubeCL's stream (`PALM_GEMM_STREAM=own` says no), read once:
+    /// it is asked on every product.
+    fn wanted() -> bool {
+        static WANTED: OnceLock<bool> = OnceLock::new();
+        *WANTED.get_or_init(|| std::env::var("PALM_GEMM_STREAM").map_or(true, |v| v != "own"))
     }
 
     /// CubeCL's stream for the calling stream id, searched for on first use. Runs on CubeCL's
@@ -542,9 +548,8 @@ mod stream {
         cbid: cupti::CUpti_CallbackId,
         data: *const c_void,
     ) {
-        let record = cupti::CUpti_driver_api_trace_cbid_enum::CUPTI_DRIVER_TRACE_CBID_cuEventRecord;
         if domain != cupti::CUpti_CallbackDomain::CUPTI_CB_DOMAIN_DRIVER_API
-            || cbid != record as u32
+            || cbid != EVENT_RECORD
             || data.is_null()
         {
             return;
@@ -592,14 +597,12 @@ mod stream {
                 cupti::cuptiSubscribe(&mut subscriber, Some(on_driver_call), std::ptr::null_mut()),
                 "cuptiSubscribe",
             )?;
-            let record =
-                cupti::CUpti_driver_api_trace_cbid_enum::CUPTI_DRIVER_TRACE_CBID_cuEventRecord;
             let enabled = check(
                 cupti::cuptiEnableCallback(
                     1,
                     subscriber,
                     cupti::CUpti_CallbackDomain::CUPTI_CB_DOMAIN_DRIVER_API,
-                    record as u32,
+                    EVENT_RECORD,
                 ),
                 "cuptiEnableCallback",
             );
