@@ -49,6 +49,14 @@ pub struct Args {
     /// --dropout` sets it; without it, the preset's (the reference's training dropouts).
     #[arg(long)]
     dropout: Option<f64>,
+    /// After the timed steps, trace this many more on the device (CUDA: every kernel's device
+    /// time, through CUPTI) and write the per-kernel summary to FILE, one JSON line per batch
+    /// size; the table is printed on stderr.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<std::path::PathBuf>,
+    /// Steps (training) or beam searches (decoding) traced with --trace.
+    #[arg(long, default_value_t = 3)]
+    trace_steps: usize,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -62,6 +70,9 @@ pub fn run(args: Args) -> Result<()> {
         && !(0.0..1.0).contains(&p)
     {
         bail!("--dropout must be in [0, 1), got {p}");
+    }
+    if args.trace.is_some() && (!args.device.device.starts_with("cuda") || args.trace_steps == 0) {
+        bail!("--trace needs --device cuda and --trace-steps of at least 1");
     }
     if args.what == "decode" {
         dispatch_inference!(target, decode(&args))
@@ -135,6 +146,34 @@ fn gemm_route<B: Backend>() -> &'static str {
     }
 }
 
+/// Runs `work` `steps` times with every kernel recorded, then waits for the device and
+/// returns the per-kernel summary (printed on stderr as a table).
+fn traced<B: Backend>(
+    device: &B::Device,
+    label: &str,
+    steps: usize,
+    mut work: impl FnMut(),
+) -> Result<serde_json::Value> {
+    B::sync(device).map_err(|e| anyhow::anyhow!("waiting for the device: {e:?}"))?;
+    crate::trace::start()?;
+    for _ in 0..steps {
+        work();
+    }
+    let synced = B::sync(device).map_err(|e| anyhow::anyhow!("waiting for the device: {e:?}"));
+    let launches = crate::trace::finish()?;
+    synced?;
+    let summary = crate::trace::summarize(&launches, steps, 60);
+    eprintln!("{label}, traced:\n{}", crate::trace::table(&summary));
+    Ok(summary)
+}
+
+/// Writes the traces, one JSON line each, to the file as a whole (nothing partial).
+fn write_traces(path: &std::path::Path, traces: &[serde_json::Value]) -> Result<()> {
+    let text: String = traces.iter().map(|t| format!("{t}\n")).collect();
+    std::fs::write(path, text)
+        .map_err(|e| anyhow::anyhow!("writing the trace to {}: {e}", path.display()))
+}
+
 fn emit(line: serde_json::Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")?;
@@ -146,6 +185,7 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
     let mc = config(args);
     let vocab = mc.encoder.vocab_size as u64;
     let flops = train_flops(&mc, args.src_len, args.tgt_len);
+    let mut traces = vec![];
     for &batch in &args.batch_size {
         B::seed(device, 1);
         let mut model = PalmTraining::new(Palm::<B>::new(&mc, device), mc.palm.label_smoothing);
@@ -210,6 +250,26 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
             "dropout": args.dropout.map_or(serde_json::json!("reference"), |p| p.into()),
             "gemm": gemm_route::<B>(),
         }))?;
+        if args.trace.is_some() {
+            let mut current = Some(model);
+            let mut summary = traced::<B>(
+                device,
+                &format!("train batch {batch}"),
+                args.trace_steps,
+                || {
+                    let (m, loss) = step(current.take().expect("a model between steps"));
+                    let _: f32 = loss.into_scalar().elem();
+                    current = Some(m);
+                },
+            )?;
+            summary["bench"] = "train".into();
+            summary["batch"] = batch.into();
+            summary["precision"] = args.device.precision.clone().into();
+            traces.push(summary);
+        }
+    }
+    if let Some(path) = &args.trace {
+        write_traces(path, &traces)?;
     }
     Ok(())
 }
@@ -219,6 +279,7 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
     let vocab = mc.encoder.vocab_size as u64;
     B::seed(device, 1);
     let model = Palm::<B>::new(&mc, device);
+    let mut traces = vec![];
     for &batch in &args.batch_size {
         let beam = BeamConfig {
             beam_size: args.beam_size,
@@ -271,6 +332,23 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
                 "decomposed"
             },
         }))?;
+        if args.trace.is_some() {
+            let mut summary = traced::<B>(
+                device,
+                &format!("decode batch {batch}"),
+                args.trace_steps,
+                || {
+                    beam_search(&model, src.clone(), &beam);
+                },
+            )?;
+            summary["bench"] = "decode".into();
+            summary["batch"] = batch.into();
+            summary["precision"] = args.device.precision.clone().into();
+            traces.push(summary);
+        }
+    }
+    if let Some(path) = &args.trace {
+        write_traces(path, &traces)?;
     }
     Ok(())
 }

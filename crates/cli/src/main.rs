@@ -12,6 +12,7 @@ mod kernels;
 mod model_dir;
 mod prepare;
 mod score;
+mod trace;
 mod train;
 mod vocab;
 
