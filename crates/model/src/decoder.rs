@@ -332,10 +332,8 @@ impl<B: Backend> TransformerDecoder<B> {
     /// Embeddings × sqrt(d) + positions `start..start+t`, then dropout.
     fn embed(&self, tokens: Tensor<B, 2, Int>, start: usize) -> Tensor<B, 3> {
         let [_, t] = tokens.dims();
-        let emb = self
-            .embeddings
-            .forward(tokens)
-            .mul_scalar((self.d_model as f64).sqrt());
+        let emb =
+            grad::embedding(&self.embeddings, tokens).mul_scalar((self.d_model as f64).sqrt());
         let pos = self.pe.clone().slice(start..start + t).unsqueeze::<3>();
         grad::dropout(&self.pos_dropout, emb + pos)
     }

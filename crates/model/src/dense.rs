@@ -92,7 +92,7 @@ fn gemm<B: Backend>() -> Option<Gemm<B>> {
 
 /// `a · b` for matrices, in the [`product_dtype`] and through the backend's [`Gemm`] if one
 /// is set; returned in `a`'s type.
-fn product_2d<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+pub(crate) fn product_2d<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     let own: FloatDType = a.dtype().into();
     let (a, b) = (for_product(a), for_product(b));
     match gemm::<B>() {
@@ -107,7 +107,7 @@ pub fn dense<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> 
     let (rows, dims) = fold(&x);
     let mut y = product_2d(x.reshape([rows, dims[D - 1]]), layer.weight.val());
     if let Some(bias) = &layer.bias {
-        y = y + bias.val().unsqueeze::<2>();
+        y = crate::grad::add_bias(y, bias.val());
     }
     let mut out = dims;
     out[D - 1] = y.dims()[1];
@@ -123,7 +123,10 @@ pub fn project_onto<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     let (rows, dims) = fold(&x);
     let [n, _] = w.dims();
-    let y = product_2d(x.reshape([rows, dims[D - 1]]), w.transpose()) + bias.unsqueeze::<2>();
+    let y = crate::grad::add_bias(
+        product_2d(x.reshape([rows, dims[D - 1]]), w.transpose()),
+        bias,
+    );
     let mut out = dims;
     out[D - 1] = n;
     y.reshape(out)

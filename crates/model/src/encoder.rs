@@ -39,7 +39,9 @@ impl<B: Backend> BertEmbeddings<B> {
         let [_, s] = src.dims();
         let position = self.position_embeddings.weight.val().slice(0..s);
         let token_type = self.token_type_embeddings.weight.val().slice(0..1);
-        self.word_embeddings.forward(src) + position.unsqueeze::<3>() + token_type.unsqueeze::<3>()
+        grad::embedding(&self.word_embeddings, src)
+            + position.unsqueeze::<3>()
+            + token_type.unsqueeze::<3>()
     }
 }
 
