@@ -204,7 +204,7 @@ fn column_block(rows: usize) -> usize {
     }
     let root = (rows as f64).sqrt();
     (8..=rows / 8)
-        .filter(|d| rows % d == 0)
+        .filter(|d| rows.is_multiple_of(*d))
         .min_by(|a, b| {
             (*a as f64 - root)
                 .abs()
