@@ -532,20 +532,20 @@ fn autodiff_lookup<I: Backend>(
 }
 
 /// The gradient of an `n`-row table from the gradient `g [rows, d]` of its rows at `ids
-/// [rows]`: `onehot(ids)ᵀ · g`, one product (`[n, rows] · [rows, d]`).
+/// [rows]`: `onehot(ids)ᵀ · g`, one product (`[n, rows] · [rows, d]`). The one-hot matrix is
+/// made in the product type as zeros with a one scattered per row (a fill and a launch over
+/// the rows): comparing every id with every column and casting, as a first version did, made
+/// three passes over the `[rows, n]` matrix, 2.6 ms each at batch 256.
 fn lookup_gradient<I: Backend>(ids: Tensor<I, 1, Int>, g: Tensor<I, 2>, n: usize) -> Tensor<I, 2> {
     let [rows] = ids.dims();
     let device = g.device();
-    let onehot = ids
-        .reshape([rows, 1])
-        .expand([rows, n])
-        .equal(
-            Tensor::<I, 1, Int>::arange(0..n as i64, &device)
-                .reshape([1, n])
-                .expand([rows, n]),
-        )
-        .float()
-        .cast(g.dtype());
+    let dtype = crate::dense::product_dtype().map_or(g.dtype(), Into::into);
+    let onehot = Tensor::<I, 2>::zeros([rows, n], (&device, dtype)).scatter(
+        1,
+        ids.reshape([rows, 1]),
+        Tensor::ones([rows, 1], (&device, dtype)),
+        IndexingUpdateOp::Add,
+    );
     crate::dense::product_2d(onehot.transpose(), g)
 }
 
