@@ -175,8 +175,7 @@ fi
 if [[ ($PART == all || $PART == checks) && -f .devcarry/palm-unit.gz && ${UNIT:-1} == 1 ]]; then
     gunzip -kf .devcarry/palm-unit.gz
     for t in cublaslt kernels; do
-        # One test at a time: some set process-wide state (the product type, the environment).
-        timeout ${UNIT_TIMEOUT:-300} .devcarry/palm-unit $t --test-threads=1 >> "$L" 2>&1
+        timeout ${UNIT_TIMEOUT:-300} .devcarry/palm-unit $t >> "$L" 2>&1
         echo "{\"check\": \"${t}_unit_tests\", \"rc\": $?}" >> "$R"
     done
 fi

@@ -66,10 +66,9 @@ pub fn product<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> 
     for_product(a).matmul(for_product(b)).cast(own)
 }
 
-/// A `[m, k] · [k, n]` product for one backend: what a binary substitutes for burn's own
-/// matmul on a device where a vendor library is faster (cuBLASLt on CUDA). It computes in the
-/// [`product_dtype`] (casting its operands, or reading them in that type as cuBLASLt can) and
-/// returns in `a`'s type, like [`product`]. Operands may be transposed views.
+/// A `[m, k] · [k, n]` product for one backend, in its operands' float type: what a binary
+/// substitutes for burn's own matmul on a device where a vendor library is faster (cuBLASLt
+/// on CUDA). Operands may be transposed views.
 pub type Gemm<B> = fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>;
 
 /// The [`Gemm`] set for each backend type.
@@ -94,10 +93,13 @@ fn gemm<B: Backend>() -> Option<Gemm<B>> {
 /// `a · b` for matrices, in the [`product_dtype`] and through the backend's [`Gemm`] if one
 /// is set; returned in `a`'s type.
 pub(crate) fn product_2d<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    let own: FloatDType = a.dtype().into();
+    let (a, b) = (for_product(a), for_product(b));
     match gemm::<B>() {
         Some(gemm) => gemm(a, b),
-        None => product(a, b),
+        None => a.matmul(b),
     }
+    .cast(own)
 }
 
 /// `x · W + b` for `x [.., d_in]`, as one `[rows, d_in] · [d_in, d_out]` product.

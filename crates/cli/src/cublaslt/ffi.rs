@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{Context, Result, anyhow};
 use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
-use burn::tensor::{DType, FloatDType, Shape, TensorPrimitive};
+use burn::tensor::{DType, Shape, TensorPrimitive};
 
 use super::{MIN_MACS, Operand, operand, routed};
 use burn_autodiff::checkpoint::base::Checkpointer;
@@ -143,68 +143,12 @@ fn autodiff_gemm(
     }
 }
 
-/// Whether cuBLASLt multiplies f32 operands itself in bf16 (`CUBLAS_COMPUTE_32F_FAST_16BF`:
-/// operands rounded to bf16 as they are read, f32 accumulation and results) when the model's
-/// products are to run in bf16 (`bf16-mixed`): no casts before and after each product, which
-/// were 775 of a training step's 4,600 launches and 24 ms of its device time at batch 256.
-/// `PALM_GEMM_FAST16=0` casts as burn's own products do.
-fn fast_bf16(dtype: DType) -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    dtype == DType::F32
-        && palm_model::dense::product_dtype() == Some(FloatDType::BF16)
-        && *ON.get_or_init(|| std::env::var("PALM_GEMM_FAST16").map_or(true, |v| v != "0"))
-}
-
-/// `a · b` in the model's product type ([`palm_model::dense::product_dtype`]) on backend
-/// `B`, returned in `a`'s type: through `routed` (cuBLASLt, given whether it reads f32
-/// operands in bf16) where cuBLASLt takes the product, else burn's matmul; operands cast to
-/// the product type and the result back unless cuBLASLt's [`fast_bf16`] mode does that.
-fn in_product_dtype<B: Backend>(
-    a: FloatTensor<B>,
-    b: FloatTensor<B>,
-    routed_gemm: impl FnOnce(FloatTensor<B>, FloatTensor<B>, bool) -> FloatTensor<B>,
-) -> FloatTensor<B> {
-    use burn::tensor::TensorMetadata;
-    let ([m, k], [_, n]) = (dims2(&a.shape()), dims2(&b.shape()));
-    let own = a.dtype();
-    let takes = |a: &FloatTensor<B>, b: &FloatTensor<B>| {
-        a.dtype() == b.dtype() && routed(a.dtype(), m, k, n, min_macs())
-    };
-    if takes(&a, &b) && fast_bf16(own) {
-        return routed_gemm(a, b, true);
-    }
-    let (a, b) = match palm_model::dense::product_dtype() {
-        Some(d) if DType::from(d) != own => (B::float_cast(a, d), B::float_cast(b, d)),
-        _ => (a, b),
-    };
-    let out = if takes(&a, &b) {
-        routed_gemm(a, b, false)
-    } else {
-        B::float_matmul(a, b)
-    };
-    if out.dtype() == own {
-        out
-    } else {
-        B::float_cast(out, own.into())
-    }
-}
-
 /// `a · b` on the fusion backend: a custom operation in `a`'s stream, or burn's matmul for
-/// products cuBLASLt does not take ([`in_product_dtype`]).
+/// products cuBLASLt does not take.
 fn fusion_gemm(a: FusionTensor<FusionR>, b: FusionTensor<FusionR>) -> FusionTensor<FusionR> {
-    in_product_dtype::<Gpu>(a, b, fusion_gemm_op)
-}
-
-/// The custom operation of a cuBLASLt product in `a`'s fusion stream.
-fn fusion_gemm_op(
-    a: FusionTensor<FusionR>,
-    b: FusionTensor<FusionR>,
-    fast_bf16: bool,
-) -> FusionTensor<FusionR> {
     #[derive(Debug)]
     struct GemmOp {
         desc: CustomOpIr,
-        fast_bf16: bool,
     }
 
     impl Operation<FusionR> for GemmOp {
@@ -212,40 +156,38 @@ fn fusion_gemm_op(
             let ([a, b], [out]) = self.desc.as_fixed();
             let a = handles.get_float_tensor::<Cube>(a);
             let b = handles.get_float_tensor::<Cube>(b);
-            handles.register_float_tensor::<Cube>(&out.id, cube_gemm(a, b, self.fast_bf16));
+            handles.register_float_tensor::<Cube>(&out.id, cube_gemm(a, b));
         }
     }
 
-    let ([m, _], [_, n]) = (dims2(&a.shape), dims2(&b.shape));
+    let ([m, k], [_, n]) = (dims2(&a.shape), dims2(&b.shape));
+    if a.dtype != b.dtype || !routed(a.dtype, m, k, n, min_macs()) {
+        return Gpu::float_matmul(a, b);
+    }
     let streams = OperationStreams::with_inputs([&a, &b]);
     let client = a.client.clone();
     let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([m, n]), a.dtype);
     let desc = CustomOpIr::new("palm_cublaslt_gemm", &[a.into_ir(), b.into_ir()], &[out]);
     client
-        .register(
-            streams,
-            OperationIr::Custom(desc.clone()),
-            GemmOp { desc, fast_bf16 },
-        )
+        .register(streams, OperationIr::Custom(desc.clone()), GemmOp { desc })
         .output()
 }
 
 /// `a · b` on the backend without fusion (inference, [`crate::device::GpuUnfused`]): cuBLASLt,
-/// or burn's matmul for products cuBLASLt does not take ([`in_product_dtype`]).
+/// or burn's matmul for products cuBLASLt does not take.
 fn routed_cube_gemm(
     a: CubeTensor<CudaRuntime>,
     b: CubeTensor<CudaRuntime>,
 ) -> CubeTensor<CudaRuntime> {
-    in_product_dtype::<Cube>(a, b, cube_gemm)
+    let ([m, k], [_, n]) = (dims2(a.meta.shape()), dims2(b.meta.shape()));
+    if a.dtype != b.dtype || !routed(a.dtype, m, k, n, min_macs()) {
+        return Cube::float_matmul(a, b);
+    }
+    cube_gemm(a, b)
 }
 
-/// `a · b` for CubeCL tensors, through cuBLASLt on the tensors' device (f32 operands read
-/// in bf16 with `fast_bf16`).
-fn cube_gemm(
-    a: CubeTensor<CudaRuntime>,
-    b: CubeTensor<CudaRuntime>,
-    fast_bf16: bool,
-) -> CubeTensor<CudaRuntime> {
+/// `a · b` for CubeCL tensors, through cuBLASLt on the tensors' device.
+fn cube_gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
     let layout =
         |t: &CubeTensor<CudaRuntime>| operand(dims2(t.meta.shape()), dims2(t.meta.strides()));
     // A matrix whose rows and columns are both strided is copied first.
@@ -285,7 +227,6 @@ fn cube_gemm(
         // Row-major C = A · B is column-major Cᵀ = Bᵀ · Aᵀ: cuBLASLt's first operand is B.
         let problem = Problem {
             dtype: a.dtype,
-            fast_bf16,
             first: b_layout,
             second: a_layout,
             m: n as u64,
@@ -317,8 +258,6 @@ fn cube_gemm(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Problem {
     dtype: DType,
-    /// f32 operands multiplied in bf16 ([`fast_bf16`]).
-    fast_bf16: bool,
     first: Operand,
     second: Operand,
     m: u64,
@@ -364,13 +303,10 @@ fn with_device<T>(index: usize, f: impl FnOnce(&mut Device) -> Result<T>) -> Res
     f(device)
 }
 
-fn data_type(dtype: DType, fast_bf16: bool) -> (sys::cudaDataType, sys::cublasComputeType_t) {
-    use sys::cublasComputeType_t::{
-        CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_COMPUTE_32F_FAST_TF32,
-    };
+fn data_type(dtype: DType) -> (sys::cudaDataType, sys::cublasComputeType_t) {
+    use sys::cublasComputeType_t::{CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32};
     use sys::cudaDataType::{CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F};
     match dtype {
-        DType::F32 if fast_bf16 => (CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_16BF),
         DType::F32 => (CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32),
         DType::BF16 => (CUDA_R_16BF, CUBLAS_COMPUTE_32F),
         DType::F16 => (CUDA_R_16F, CUBLAS_COMPUTE_32F),
@@ -423,7 +359,7 @@ impl Device {
             CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
         };
         let err = |what: &'static str| move |e: lt::CublasError| anyhow!("{what}: {e}");
-        let (data, compute) = data_type(p.dtype, p.fast_bf16);
+        let (data, compute) = data_type(p.dtype);
         let desc = lt::create_matmul_desc(compute, sys::cudaDataType::CUDA_R_32F)
             .map_err(err("cublasLtMatmulDescCreate"))?;
         // cublasOperation_t: 0 is CUBLAS_OP_N, 1 is CUBLAS_OP_T.
@@ -769,33 +705,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn f32_operands_multiply_in_bf16_under_bf16_mixed() {
-        // SAFETY: as above (the same value, whichever test sets it first).
-        unsafe { std::env::set_var("PALM_GEMM_MIN_MACS", "0") };
-        let device = CudaDevice::new(0);
-        let normal = Distribution::Normal(0.0, 1.0);
-        let a = Tensor::<B, 2>::random([300, 200], normal, &device).require_grad();
-        let b = Tensor::<B, 2>::random([200, 500], normal, &device).require_grad();
-        let weights = Tensor::<B, 2>::random([300, 500], normal, &device);
-        palm_model::dense::set_product_dtype(Some(FloatDType::BF16));
-        let out = wrap::<B>(autodiff_gemm(unwrap(a.clone()), unwrap(b.clone())));
-        let grads = (out.clone() * weights.clone()).sum().backward();
-        let (da, db) = (a.grad(&grads).unwrap(), b.grad(&grads).unwrap());
-        palm_model::dense::set_product_dtype(None);
-        assert_eq!(out.dtype(), DType::F32, "results in the operands' type");
-        assert_eq!(da.dtype(), DType::F32);
-        // The reference: operands rounded to bf16, multiplied in f32.
-        let bf = |t: Tensor<B, 2>| t.cast(FloatDType::BF16).cast(FloatDType::F32);
-        let (a, b, w) = (bf(a.detach()), bf(b.detach()), bf(weights));
-        let tolerance = Tolerance::rel_abs(2e-2, 5e-2);
-        out.into_data()
-            .assert_approx_eq::<f32>(&a.clone().matmul(b.clone()).into_data(), tolerance);
-        da.into_data()
-            .assert_approx_eq::<f32>(&w.clone().matmul(b.transpose()).into_data(), tolerance);
-        db.into_data()
-            .assert_approx_eq::<f32>(&a.transpose().matmul(w).into_data(), tolerance);
     }
 }
