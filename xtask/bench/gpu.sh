@@ -9,7 +9,9 @@
 # Knobs (environment): PRECISIONS and MODES (palm's and PyTorch's float settings),
 # TRAIN_BATCHES, NODROP_BATCHES (also without dropout on both sides), DECODE=0 (training
 # only), TRAIN=0 (palm's decoding only), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks),
-# DEMO_ARGS, PROFILE_PARTS (train and/or decode), SAVE_CACHE=0, *_TIMEOUT; palm's own
+# DEMO_ARGS, PROFILE_PARTS (train and/or decode), SAVE_CACHE=0, *_TIMEOUT, TRACE=1 (palm's
+# part also writes each kernel's device time after its timed steps: `palm bench --trace`,
+# $OUT/trace_{train,decode}_PREC.jsonl); palm's own
 # switches pass through (PALM_GEMM=burn, PALM_BACKWARD=burn, PALM_GEMM_MIN_MACS,
 # PALM_CROSS_ATTENTION=decomposed, PALM_FUSION=1, PALM_KERNELS=burn, PALM_GEMM_STREAM=own).
 # REV names the binary's commit in results.jsonl: pass the one `cargo xtask bench gpu` prints
@@ -191,13 +193,14 @@ if [[ $PART == all || $PART == palm ]]; then
     for prec in ${PRECISIONS:-f32 bf16-mixed bf16}; do
         [[ ${TRAIN:-1} == 1 ]] && peak timeout ${TRAIN_TIMEOUT:-240} $PALM bench train --device cuda \
             --precision $prec --batch-size ${TRAIN_BATCHES:-8,64,256} --steps 10 --warmup-steps 3 \
-            >> "$R" 2>> "$L"
+            ${TRACE:+--trace-steps 2 --trace "$OUT/trace_train_$prec.jsonl"} >> "$R" 2>> "$L"
         # NODROP_BATCHES: the same without dropout on either side (torch_palm.py --dropout 0).
         [[ -n ${NODROP_BATCHES:-} ]] && peak timeout ${TRAIN_TIMEOUT:-240} $PALM bench train \
             --device cuda --precision $prec --dropout 0 --batch-size $NODROP_BATCHES --steps 10 \
             --warmup-steps 3 >> "$R" 2>> "$L"
         [[ ${DECODE:-1} == 1 ]] && peak timeout ${DECODE_TIMEOUT:-150} $PALM bench decode --device cuda \
-            --precision $prec --batch-size 1,64 --steps 3 --warmup-steps 1 >> "$R" 2>> "$L"
+            --precision $prec --batch-size 1,64 --steps 3 --warmup-steps 1 \
+            ${TRACE:+--trace-steps 1 --trace "$OUT/trace_decode_$prec.jsonl"} >> "$R" 2>> "$L"
     done
 fi
 if [[ $PART == all || $PART == torch ]]; then
