@@ -546,7 +546,9 @@ fn lookup_gradient<I: Backend>(ids: Tensor<I, 1, Int>, g: Tensor<I, 2>, n: usize
         Tensor::ones([rows, 1], (&device, dtype)),
         IndexingUpdateOp::Add,
     );
-    crate::dense::product_2d(onehot.transpose(), g)
+    // In the gradient's type: the product returns in the one-hot matrix's.
+    let own = g.dtype();
+    crate::dense::product_2d(onehot.transpose(), g).cast(own)
 }
 
 fn autodiff_smoothed_cross_entropy<I: Backend>(
@@ -768,6 +770,7 @@ mod tests {
             let weights = Tensor::<A, 1>::from_data(TensorData::new(w, [30]), &device);
             let grads = (y.clone() * weights.reshape([2, 3, 5])).sum().backward();
             let g = emb.weight.val().grad(&grads).expect("table gradient");
+            assert_eq!(g.dtype(), table.dtype(), "the gradient in the table's type");
             (y.into_data(), g.into_data())
         };
         let (y_burn, g_burn) = run(false);
