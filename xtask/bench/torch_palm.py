@@ -206,17 +206,35 @@ def train(args, batch):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return loss.item()  # as palm: the loss is read every step
+        return loss.detach()
+
+    # As palm: the losses are read (summed on the device, checked, and the last kept) every
+    # --read-every steps; 1, the default, reads each step's, as a training loop's NaN check
+    # and running mean do.
+    pending = []
+
+    def read(force=False):
+        nonlocal pending
+        if pending and (force or len(pending) >= args.read_every):
+            total = torch.stack(pending).sum().item()
+            assert math.isfinite(total), f"the loss became {total}"
+            last = pending[-1].item()
+            pending = []
+            return last
+        return None
 
     cold = time.perf_counter()
     for _ in range(args.warmup_steps):
-        step()
+        step().item()
     sync()
     cold = time.perf_counter() - cold
     sync_memory_reset()
     start = time.perf_counter()
+    last = None
     for _ in range(args.steps):
-        last = step()
+        pending.append(step())
+        last = read() or last
+    last = read(force=True) or last
     sync()
     secs = time.perf_counter() - start
     samples = batch * args.steps / secs
@@ -228,6 +246,7 @@ def train(args, batch):
         "model_tflops_per_s": samples * flops / 1e12, "mfu_bf16_h200": samples * flops / 790e12,
         "peak_memory_mib": peak_mib(),
         "warmup_s": cold, "last_loss": last, "dropout": args.dropout, "torch": torch.__version__,
+        "read_every": args.read_every,
     }
 
 
@@ -301,6 +320,8 @@ def main():
     p.add_argument("--beam-size", type=int, default=5)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--dropout", choices=["reference", "0"], default="reference")
+    p.add_argument("--read-every", type=int, default=1,
+                   help="training: read the losses every N steps (1: every step)")
     args = p.parse_args()
     if args.dropout == "0":
         DROP.update(enc=0.0, dec=0.0)

@@ -54,6 +54,9 @@ pub struct Args {
     /// size; the table is printed on stderr.
     #[arg(long, value_name = "FILE")]
     trace: Option<std::path::PathBuf>,
+    /// Training: read the losses every N steps (1: every step, as `palm train` does).
+    #[arg(long, default_value_t = 1)]
+    read_every: usize,
     /// Steps (training) or beam searches (decoding) traced with --trace.
     #[arg(long, default_value_t = 3)]
     trace_steps: usize,
@@ -63,8 +66,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let target = args.device.target()?;
-    if args.batch_size.contains(&0) || args.steps == 0 {
-        bail!("--batch-size and --steps must be at least 1");
+    if args.batch_size.contains(&0) || args.steps == 0 || args.read_every == 0 {
+        bail!("--batch-size, --steps and --read-every must be at least 1");
     }
     if let Some(p) = args.dropout
         && !(0.0..1.0).contains(&p)
@@ -223,11 +226,24 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
         let cold = cold.elapsed().as_secs_f64();
         let start = Instant::now();
         let mut last = 0.0f32;
-        for _ in 0..args.steps {
+        // The losses are read every --read-every steps (1: each step's, as the training loop's
+        // NaN check and running mean do), all at once; between reads the host does not wait.
+        let mut pending = Vec::with_capacity(args.read_every);
+        for i in 0..args.steps {
             let (m, loss) = step(model);
             model = m;
-            // The training loop reads each step's loss (NaN check, running mean).
-            last = loss.into_scalar().elem();
+            pending.push(loss);
+            if pending.len() == args.read_every || i + 1 == args.steps {
+                let losses: Vec<f32> = Tensor::cat(std::mem::take(&mut pending), 0)
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec()
+                    .map_err(|e| anyhow::anyhow!("reading the losses: {e:?}"))?;
+                if let Some(bad) = losses.iter().find(|l| !l.is_finite()) {
+                    bail!("the training loss became {bad} (batch {batch})");
+                }
+                last = *losses.last().expect("at least one step");
+            }
         }
         let secs = start.elapsed().as_secs_f64();
         let samples = (batch * args.steps) as f64 / secs;
@@ -249,6 +265,7 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
             "last_loss": last,
             "dropout": args.dropout.map_or(serde_json::json!("reference"), |p| p.into()),
             "gemm": gemm_route::<B>(),
+            "read_every": args.read_every,
         }))?;
         if args.trace.is_some() {
             let mut current = Some(model);
