@@ -149,14 +149,16 @@ fn gemm_route<B: Backend>() -> &'static str {
     }
 }
 
-/// Runs `work` `steps` times with every kernel recorded, then waits for the device and
-/// returns the per-kernel summary (printed on stderr as a table).
+/// Runs `work` `args.trace_steps` times with every kernel recorded, then waits for the device
+/// and returns the per-kernel summary labelled with the bench, batch and precision (printed on
+/// stderr as a table).
 fn traced<B: Backend>(
     device: &B::Device,
-    label: &str,
-    steps: usize,
+    args: &Args,
+    batch: usize,
     mut work: impl FnMut(),
 ) -> Result<serde_json::Value> {
+    let steps = args.trace_steps;
     B::sync(device).map_err(|e| anyhow::anyhow!("waiting for the device: {e:?}"))?;
     crate::trace::start()?;
     for _ in 0..steps {
@@ -165,8 +167,15 @@ fn traced<B: Backend>(
     let synced = B::sync(device).map_err(|e| anyhow::anyhow!("waiting for the device: {e:?}"));
     let launches = crate::trace::finish()?;
     synced?;
-    let summary = crate::trace::summarize(&launches, steps, 60);
-    eprintln!("{label}, traced:\n{}", crate::trace::table(&summary));
+    let mut summary = crate::trace::summarize(&launches, steps, 60);
+    eprintln!(
+        "{} batch {batch}, traced:\n{}",
+        args.what,
+        crate::trace::table(&summary)
+    );
+    summary["bench"] = args.what.clone().into();
+    summary["batch"] = batch.into();
+    summary["precision"] = args.device.precision.clone().into();
     Ok(summary)
 }
 
@@ -269,19 +278,11 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
         }))?;
         if args.trace.is_some() {
             let mut current = Some(model);
-            let mut summary = traced::<B>(
-                device,
-                &format!("train batch {batch}"),
-                args.trace_steps,
-                || {
-                    let (m, loss) = step(current.take().expect("a model between steps"));
-                    let _: f32 = loss.into_scalar().elem();
-                    current = Some(m);
-                },
-            )?;
-            summary["bench"] = "train".into();
-            summary["batch"] = batch.into();
-            summary["precision"] = args.device.precision.clone().into();
+            let summary = traced::<B>(device, args, batch, || {
+                let (m, loss) = step(current.take().expect("a model between steps"));
+                let _: f32 = loss.into_scalar().elem();
+                current = Some(m);
+            })?;
             traces.push(summary);
         }
     }
@@ -350,18 +351,9 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
             },
         }))?;
         if args.trace.is_some() {
-            let mut summary = traced::<B>(
-                device,
-                &format!("decode batch {batch}"),
-                args.trace_steps,
-                || {
-                    beam_search(&model, src.clone(), &beam);
-                },
-            )?;
-            summary["bench"] = "decode".into();
-            summary["batch"] = batch.into();
-            summary["precision"] = args.device.precision.clone().into();
-            traces.push(summary);
+            traces.push(traced::<B>(device, args, batch, || {
+                beam_search(&model, src.clone(), &beam);
+            })?);
         }
     }
     if let Some(path) = &args.trace {

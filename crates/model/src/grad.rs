@@ -202,15 +202,20 @@ fn column_block(rows: usize) -> usize {
     if rows < 1024 {
         return 1;
     }
+    // The divisors nearest √rows from below and above are a pair `d`, `rows / d`; called for
+    // every bias gradient of a step, so only the divisors up to √rows are tried.
     let root = (rows as f64).sqrt();
-    (8..=rows / 8)
-        .filter(|d| rows.is_multiple_of(*d))
-        .min_by(|a, b| {
-            (*a as f64 - root)
-                .abs()
-                .total_cmp(&(*b as f64 - root).abs())
-        })
-        .unwrap_or(1)
+    match (8..=rows.isqrt()).rev().find(|d| rows.is_multiple_of(*d)) {
+        Some(below) => {
+            let above = rows / below;
+            if above as f64 - root < root - below as f64 {
+                above
+            } else {
+                below
+            }
+        }
+        None => 1,
+    }
 }
 
 /// `dropout` in training, with the mask kept for the backward pass as one byte per element
