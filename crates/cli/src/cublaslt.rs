@@ -37,6 +37,12 @@
 //! f32 operands run with TF32 tensor-core arithmetic (`CUBLAS_COMPUTE_32F_FAST_TF32`, as
 //! PyTorch with `allow_tf32`, and as burn's own f32 kernels do); bf16 and f16 with f32
 //! accumulation. `PALM_GEMM=burn` turns the routing off.
+//!
+//! The linear layers with a bias go one step further (`ffi::affine`, through
+//! [`palm_model::dense::set_affine`]): the casts to the product type happen once per operand,
+//! the result is written in the tensors' own type (f32 under `bf16-mixed`) and the bias is
+//! added in the product's epilogue; backward, the bias gradient is the weight gradient's
+//! epilogue. `PALM_AFFINE=composed` keeps them as casts, a product and a bias addition.
 
 use burn::tensor::DType;
 

@@ -102,13 +102,60 @@ pub(crate) fn product_2d<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor
     .cast(own)
 }
 
+/// The operands of an [`Affine`] map: `x [rows, k]`, `w [k, n]` (a transposed view for a tied
+/// table) and the bias `[n]`, if any.
+pub type AffineOperands<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 1>>);
+
+/// `x · w + bias` in one call for one backend, in the [`product_dtype`] and returned in `x`'s
+/// type: what a binary substitutes for the product, its casts and the bias addition where a
+/// vendor library does all of it in one GEMM (cuBLASLt's bias epilogue forward, its bias
+/// gradient epilogue backward, operands cast to bf16 and results written in f32). It hands
+/// the operands back (`Err`, boxed: three tensors) for products it does not take.
+pub type Affine<B> = fn(AffineOperands<B>) -> Result<Tensor<B, 2>, Box<AffineOperands<B>>>;
+
+/// The [`Affine`] map set for each backend type.
+static AFFINES: PerBackend = PerBackend::new();
+
+/// Routes the linear layers and output projections on backend `B` through `affine` (`None`:
+/// the [`product_2d`] and [`crate::grad::add_bias`] again).
+pub fn set_affine<B: Backend>(affine: Option<Affine<B>>) {
+    AFFINES.set::<B, _>(affine);
+}
+
+/// Whether an [`Affine`] map is set for `B`.
+pub fn has_affine<B: Backend>() -> bool {
+    AFFINES.get::<B, Affine<B>>().is_some()
+}
+
+/// `x · w + bias` for matrices: through the backend's [`Affine`] map if it takes them, else a
+/// [`product_2d`] and the bias added.
+fn affine<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 2> {
+    let (x, w, bias) = match AFFINES.get::<B, Affine<B>>() {
+        Some(f) => match f((x, w, bias)) {
+            Ok(y) => return y,
+            Err(operands) => *operands,
+        },
+        None => (x, w, bias),
+    };
+    let y = product_2d(x, w);
+    match bias {
+        Some(bias) => crate::grad::add_bias(y, bias),
+        None => y,
+    }
+}
+
 /// `x · W + b` for `x [.., d_in]`, as one `[rows, d_in] · [d_in, d_out]` product.
 pub fn dense<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let (rows, dims) = fold(&x);
-    let mut y = product_2d(x.reshape([rows, dims[D - 1]]), layer.weight.val());
-    if let Some(bias) = &layer.bias {
-        y = crate::grad::add_bias(y, bias.val());
-    }
+    let y = affine(
+        x.reshape([rows, dims[D - 1]]),
+        layer.weight.val(),
+        layer.bias.as_ref().map(|b| b.val()),
+    );
     let mut out = dims;
     out[D - 1] = y.dims()[1];
     y.reshape(out)
@@ -123,10 +170,7 @@ pub fn project_onto<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     let (rows, dims) = fold(&x);
     let [n, _] = w.dims();
-    let y = crate::grad::add_bias(
-        product_2d(x.reshape([rows, dims[D - 1]]), w.transpose()),
-        bias,
-    );
+    let y = affine(x.reshape([rows, dims[D - 1]]), w.transpose(), Some(bias));
     let mut out = dims;
     out[D - 1] = n;
     y.reshape(out)
@@ -237,5 +281,31 @@ mod tests {
         assert!(!has_gemm::<G>());
         run();
         assert_eq!(SEEN.lock().unwrap().len(), 2);
+
+        // An affine map (in this test too: the backend type is its own) takes what it accepts,
+        // here the products with a bias of 7 columns (the projection), and hands back the rest.
+        static AFFINE_SEEN: std::sync::Mutex<Vec<[usize; 2]>> = std::sync::Mutex::new(Vec::new());
+        fn seven_columns(
+            (x, w, bias): AffineOperands<G>,
+        ) -> Result<Tensor<G, 2>, Box<AffineOperands<G>>> {
+            if w.dims()[1] != 7 {
+                return Err(Box::new((x, w, bias)));
+            }
+            AFFINE_SEEN.lock().unwrap().push(w.dims());
+            let bias = bias.expect("the projection has a bias");
+            Ok(x.matmul(w) + bias.unsqueeze::<2>())
+        }
+        set_affine::<G>(Some(seven_columns));
+        assert!(has_affine::<G>());
+        assert_eq!(run(), plain);
+        assert_eq!(
+            *AFFINE_SEEN.lock().unwrap(),
+            [[6, 7]],
+            "the table, transposed"
+        );
+        set_affine::<G>(None);
+        assert!(!has_affine::<G>());
+        run();
+        assert_eq!(AFFINE_SEEN.lock().unwrap().len(), 1);
     }
 }

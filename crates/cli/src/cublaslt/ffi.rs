@@ -24,7 +24,7 @@ use burn_cubecl::cubecl::cuda::{CudaDevice, CudaRuntime};
 use burn_cubecl::tensor::CubeTensor;
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaContext, CudaStream};
@@ -61,6 +61,11 @@ pub fn install(index: usize) -> Result<()> {
     palm_model::dense::set_gemm::<Autodiff<Gpu>>(Some(|a, b| {
         wrap(autodiff_gemm(unwrap(a), unwrap(b)))
     }));
+    if !std::env::var("PALM_AFFINE").is_ok_and(|v| v == "composed") {
+        palm_model::dense::set_affine::<Cube>(Some(affine::cube));
+        palm_model::dense::set_affine::<Gpu>(Some(affine::fusion));
+        palm_model::dense::set_affine::<Autodiff<Gpu>>(Some(affine::autodiff));
+    }
     Ok(())
 }
 
@@ -146,31 +151,73 @@ fn autodiff_gemm(
 /// `a · b` on the fusion backend: a custom operation in `a`'s stream, or burn's matmul for
 /// products cuBLASLt does not take.
 fn fusion_gemm(a: FusionTensor<FusionR>, b: FusionTensor<FusionR>) -> FusionTensor<FusionR> {
-    #[derive(Debug)]
-    struct GemmOp {
-        desc: CustomOpIr,
-    }
-
-    impl Operation<FusionR> for GemmOp {
-        fn execute(&self, handles: &mut HandleContainer<Handle>) {
-            let ([a, b], [out]) = self.desc.as_fixed();
-            let a = handles.get_float_tensor::<Cube>(a);
-            let b = handles.get_float_tensor::<Cube>(b);
-            handles.register_float_tensor::<Cube>(&out.id, cube_gemm(a, b));
-        }
-    }
-
     let ([m, k], [_, n]) = (dims2(&a.shape), dims2(&b.shape));
     if a.dtype != b.dtype || !routed(a.dtype, m, k, n, min_macs()) {
         return Gpu::float_matmul(a, b);
     }
-    let streams = OperationStreams::with_inputs([&a, &b]);
+    let dtype = a.dtype;
+    fusion_product(a, b, dtype, Extra::None).0
+}
+
+/// [`cube_product`] on the fusion backend: a custom operation in the operands' streams.
+fn fusion_product(
+    a: FusionTensor<FusionR>,
+    b: FusionTensor<FusionR>,
+    out_dtype: DType,
+    extra: Extra<FusionTensor<FusionR>>,
+) -> (FusionTensor<FusionR>, Option<FusionTensor<FusionR>>) {
+    /// Inputs `[a, b]` or `[a, b, bias]`; outputs `[product]` or `[product, sums]`.
+    #[derive(Debug)]
+    struct ProductOp {
+        desc: CustomOpIr,
+        out: DType,
+    }
+
+    impl Operation<FusionR> for ProductOp {
+        fn execute(&self, handles: &mut HandleContainer<Handle>) {
+            let (inputs, outputs) = (&self.desc.inputs, &self.desc.outputs);
+            let a = handles.get_float_tensor::<Cube>(&inputs[0]);
+            let b = handles.get_float_tensor::<Cube>(&inputs[1]);
+            let extra = match (inputs.get(2), outputs.len()) {
+                (Some(bias), _) => Extra::Bias(handles.get_float_tensor::<Cube>(bias)),
+                (None, 2) => Extra::BiasGrad,
+                _ => Extra::None,
+            };
+            let (out, sums) = cube_product(a, b, self.out, extra);
+            handles.register_float_tensor::<Cube>(&outputs[0].id, out);
+            if let (Some(sums), Some(ir)) = (sums, outputs.get(1)) {
+                handles.register_float_tensor::<Cube>(&ir.id, sums);
+            }
+        }
+    }
+
+    let ([m, _], [_, n]) = (dims2(&a.shape), dims2(&b.shape));
     let client = a.client.clone();
-    let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([m, n]), a.dtype);
-    let desc = CustomOpIr::new("palm_cublaslt_gemm", &[a.into_ir(), b.into_ir()], &[out]);
-    client
-        .register(streams, OperationIr::Custom(desc.clone()), GemmOp { desc })
-        .output()
+    let uninit = |shape: Shape| TensorIr::uninit(client.create_empty_handle(), shape, out_dtype);
+    let mut outputs = vec![uninit(Shape::new([m, n]))];
+    let streams = match &extra {
+        Extra::Bias(bias) => OperationStreams::with_inputs([&a, &b, bias]),
+        _ => OperationStreams::with_inputs([&a, &b]),
+    };
+    let mut inputs = vec![a.into_ir(), b.into_ir()];
+    match extra {
+        Extra::Bias(bias) => inputs.push(bias.into_ir()),
+        Extra::BiasGrad => outputs.push(uninit(Shape::new([n]))),
+        Extra::None => {}
+    }
+    let desc = CustomOpIr::new("palm_cublaslt_product", &inputs, &outputs);
+    let mut results = client
+        .register(
+            streams,
+            OperationIr::Custom(desc.clone()),
+            ProductOp {
+                desc,
+                out: out_dtype,
+            },
+        )
+        .into_iter();
+    let out = results.next().expect("the product");
+    (out, results.next())
 }
 
 /// `a · b` on the backend without fusion (inference, [`crate::device::GpuUnfused`]): cuBLASLt,
@@ -188,6 +235,44 @@ fn routed_cube_gemm(
 
 /// `a · b` for CubeCL tensors, through cuBLASLt on the tensors' device.
 fn cube_gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+    let dtype = a.dtype;
+    cube_product(a, b, dtype, Extra::None).0
+}
+
+/// What a [`cube_product`] does besides the product.
+enum Extra<T> {
+    None,
+    /// Adds this bias `[n]` (in the result's type) to every row.
+    Bias(T),
+    /// Also returns the column sums of `b` (`[n]`, in the result's type): the bias gradient
+    /// when `b` is the output's gradient.
+    BiasGrad,
+}
+
+/// Whether cuBLASLt lacked an algorithm for the bias (0) and bias-gradient (1) epilogues once:
+/// CubeCL's kernels do that work from then on.
+static NO_EPILOGUE: [std::sync::atomic::AtomicBool; 2] =
+    [const { std::sync::atomic::AtomicBool::new(false) }; 2];
+
+/// `a · b` (`[m, k] · [k, n]`, operands of one type) for CubeCL tensors through cuBLASLt on
+/// the tensors' device, written in `out`'s type, with the bias added or its gradient taken in
+/// the product's epilogue (`extra`): one launch where burn needs a product, casts and a
+/// reduction.
+fn cube_product(
+    a: CubeTensor<CudaRuntime>,
+    b: CubeTensor<CudaRuntime>,
+    out_dtype: DType,
+    extra: Extra<CubeTensor<CudaRuntime>>,
+) -> (CubeTensor<CudaRuntime>, Option<CubeTensor<CudaRuntime>>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let slot = match extra {
+        Extra::None => None,
+        Extra::Bias(_) => Some(0),
+        Extra::BiasGrad => Some(1),
+    };
+    if slot.is_some_and(|i| NO_EPILOGUE[i].load(Relaxed)) {
+        return product_then_extra(a, b, out_dtype, extra);
+    }
     let layout =
         |t: &CubeTensor<CudaRuntime>| operand(dims2(t.meta.shape()), dims2(t.meta.strides()));
     // A matrix whose rows and columns are both strided is copied first.
@@ -199,17 +284,27 @@ fn cube_gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> CubeTens
             (t, l)
         }
     };
+    let empty = |like: &CubeTensor<CudaRuntime>, shape: Shape| {
+        burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+            like.client.clone(),
+            like.device.clone(),
+            shape,
+            out_dtype,
+        )
+    };
     let ([m, _], [_, n]) = (dims2(a.meta.shape()), dims2(b.meta.shape()));
     let (a, a_layout) = readable(a);
     let (b, b_layout) = readable(b);
-    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
-        a.client.clone(),
-        a.device.clone(),
-        Shape::new([m, n]),
-        a.dtype,
-    );
-    let out_strides = dims2(out.meta.strides());
-    assert_eq!(out_strides, [n, 1], "a contiguous output");
+    let out = empty(&a, Shape::new([m, n]));
+    assert_eq!(dims2(out.meta.strides()), [n, 1], "a contiguous output");
+    let (epilogue, vector) = match &extra {
+        Extra::None => (Epilogue::None, None),
+        Extra::Bias(bias) => (
+            Epilogue::Bias,
+            Some(burn_cubecl::kernel::into_contiguous(bias.clone())),
+        ),
+        Extra::BiasGrad => (Epilogue::BiasGrad, Some(empty(&a, Shape::new([n])))),
+    };
 
     let client = a.client.clone();
     let index = a.device.index;
@@ -224,9 +319,13 @@ fn cube_gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> CubeTens
                 .map_err(|e| anyhow!("a CUDA tensor's memory: {e:?}"))
         };
         let (ra, rb, rout) = (resource(&a)?, resource(&b)?, resource(&out)?);
-        // Row-major C = A · B is column-major Cᵀ = Bᵀ · Aᵀ: cuBLASLt's first operand is B.
+        let rvector = vector.as_ref().map(resource).transpose()?;
+        // Row-major C = A · B is column-major Cᵀ = Bᵀ · Aᵀ: cuBLASLt's first operand is B, and
+        // a row-major result's columns are its rows (the bias's and the sums' axis).
         let problem = Problem {
             dtype: a.dtype,
+            out: out_dtype,
+            epilogue,
             first: b_layout,
             second: a_layout,
             m: n as u64,
@@ -235,29 +334,66 @@ fn cube_gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> CubeTens
                 .map(|p| (p & p.wrapping_neg()).min(256) as u32),
         };
         let pointers = [rb.resource().ptr, ra.resource().ptr, rout.resource().ptr];
+        let vector_ptr = rvector.as_ref().map(|r| r.resource().ptr);
         let result = match stream::backend_stream(&client) {
-            Some(stream) => with_device(index, |d| d.matmul(&problem, pointers, Some(stream))),
+            Some(stream) => with_device(index, |d| {
+                d.matmul(&problem, pointers, vector_ptr, Some(stream))
+            }),
             None => {
                 burn_cubecl::cubecl::future::block_on(client.sync())
                     .map_err(|e| anyhow!("the CUDA stream synchronises: {e:?}"))?;
-                with_device(index, |d| d.matmul(&problem, pointers, None))
+                with_device(index, |d| d.matmul(&problem, pointers, vector_ptr, None))
             }
         };
-        drop((ra, rb, rout));
+        drop((ra, rb, rout, rvector));
         result
     };
-    client
+    let result = client
         .exclusive(run)
         .map_err(|e| anyhow!("CubeCL's device thread: {e:?}"))
-        .and_then(|r| r)
-        .unwrap_or_else(|e| panic!("cuBLASLt [{m}, ?] x [?, {n}] in {:?}: {e:#}", a.dtype));
-    out
+        .and_then(|r| r);
+    match result {
+        Ok(()) => (out, vector.filter(|_| epilogue == Epilogue::BiasGrad)),
+        Err(e) if e.is::<EpilogueUnsupported>() => {
+            let i = slot.expect("only epilogues are unsupported");
+            if !NO_EPILOGUE[i].swap(true, Relaxed) {
+                tracing::warn!("{e}: CubeCL's kernels do its work");
+            }
+            product_then_extra(a, b, out_dtype, extra)
+        }
+        Err(e) => panic!("cuBLASLt [{m}, ?] x [?, {n}] in {:?}: {e:#}", a.dtype),
+    }
+}
+
+/// [`cube_product`]'s result without an epilogue: the product, then the bias added or the
+/// column sums taken by CubeCL's kernels.
+fn product_then_extra(
+    a: CubeTensor<CudaRuntime>,
+    b: CubeTensor<CudaRuntime>,
+    out_dtype: DType,
+    extra: Extra<CubeTensor<CudaRuntime>>,
+) -> (CubeTensor<CudaRuntime>, Option<CubeTensor<CudaRuntime>>) {
+    let n = dims2(b.meta.shape())[1];
+    let sums = matches!(extra, Extra::BiasGrad).then(|| {
+        let b = Cube::float_cast(b.clone(), out_dtype.into());
+        Cube::float_reshape(Cube::float_sum_dim(b, 0), Shape::new([n]))
+    });
+    let out = cube_product(a, b, out_dtype, Extra::None).0;
+    let out = match extra {
+        Extra::Bias(bias) => Cube::float_add(out, Cube::float_reshape(bias, Shape::new([1, n]))),
+        _ => out,
+    };
+    (out, sums)
 }
 
 /// One product as cuBLASLt sees it (column-major): `D [m, n] = op(first) · op(second)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Problem {
+    /// The operands' type.
     dtype: DType,
+    /// The result's (and the bias's): f32 for bf16 operands under `bf16-mixed`.
+    out: DType,
+    epilogue: Epilogue,
     first: Operand,
     second: Operand,
     m: u64,
@@ -265,6 +401,48 @@ struct Problem {
     /// Alignment in bytes (at most 256) of A, B and D: the heuristic picks kernels for it.
     align: [u32; 3],
 }
+
+/// What cuBLASLt does after the product (column-major `D [m, n]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Epilogue {
+    /// Nothing.
+    None,
+    /// Adds a bias `[m]` to every column (a row-major result's rows).
+    Bias,
+    /// Also writes the sums of the first operand over the product's inner dimension, `[m]`:
+    /// the bias gradient, when the first operand is the output's gradient.
+    BiasGrad,
+}
+
+impl Epilogue {
+    fn code(self) -> sys::cublasLtEpilogue_t {
+        use sys::cublasLtEpilogue_t::{
+            CUBLASLT_EPILOGUE_BGRADA, CUBLASLT_EPILOGUE_BIAS, CUBLASLT_EPILOGUE_DEFAULT,
+        };
+        match self {
+            Self::None => CUBLASLT_EPILOGUE_DEFAULT,
+            Self::Bias => CUBLASLT_EPILOGUE_BIAS,
+            Self::BiasGrad => CUBLASLT_EPILOGUE_BGRADA,
+        }
+    }
+}
+
+/// cuBLASLt found no algorithm for an epilogue: the caller does its work with CubeCL's
+/// kernels instead.
+#[derive(Debug)]
+struct EpilogueUnsupported(Epilogue);
+
+impl std::fmt::Display for EpilogueUnsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cuBLASLt has no algorithm with the {:?} epilogue",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for EpilogueUnsupported {}
 
 /// The descriptors and algorithm for one [`Problem`], made once.
 struct Plan {
@@ -301,6 +479,11 @@ fn with_device<T>(index: usize, f: impl FnOnce(&mut Device) -> Result<T>) -> Res
     };
     device.ctx.bind_to_thread()?;
     f(device)
+}
+
+/// cuBLASLt's name for a float type.
+fn cuda_type(dtype: DType) -> sys::cudaDataType {
+    data_type(dtype).0
 }
 
 fn data_type(dtype: DType) -> (sys::cudaDataType, sys::cublasComputeType_t) {
@@ -351,6 +534,7 @@ impl Device {
 
     fn make_plan(&self, p: &Problem) -> Result<Plan> {
         use sys::cublasLtMatmulDescAttributes_t::{
+            CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUBLASLT_MATMUL_DESC_EPILOGUE,
             CUBLASLT_MATMUL_DESC_TRANSA, CUBLASLT_MATMUL_DESC_TRANSB,
         };
         use sys::cublasLtMatmulPreferenceAttributes_t::{
@@ -365,6 +549,8 @@ impl Device {
         // cublasOperation_t: 0 is CUBLAS_OP_N, 1 is CUBLAS_OP_T.
         let op = |o: &Operand| i32::from(o.transposed);
         let layout = |o: &Operand| lt::create_matrix_layout(data, o.rows, o.cols, o.ld);
+        let out_layout =
+            |o: &Operand| lt::create_matrix_layout(cuda_type(p.out), o.rows, o.cols, o.ld);
         let out = Operand {
             rows: p.m,
             cols: p.n,
@@ -374,7 +560,7 @@ impl Device {
         let layouts = [
             layout(&p.first).map_err(err("cublasLtMatrixLayoutCreate"))?,
             layout(&p.second).map_err(err("cublasLtMatrixLayoutCreate"))?,
-            layout(&out).map_err(err("cublasLtMatrixLayoutCreate"))?,
+            out_layout(&out).map_err(err("cublasLtMatrixLayoutCreate"))?,
         ];
         let pref = lt::create_matmul_pref().map_err(err("cublasLtMatmulPreferenceCreate"))?;
         let workspace = WORKSPACE_BYTES as u64;
@@ -392,6 +578,24 @@ impl Device {
                     size_of::<i32>(),
                 )
                 .map_err(err("cublasLtMatmulDescSetAttribute"))?;
+            }
+            if p.epilogue != Epilogue::None {
+                let epilogue = p.epilogue.code();
+                let bias_type = cuda_type(p.out);
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    (&epilogue as *const sys::cublasLtEpilogue_t).cast(),
+                    size_of::<sys::cublasLtEpilogue_t>(),
+                )
+                .map_err(err("cublasLtMatmulDescSetAttribute (epilogue)"))?;
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                    (&bias_type as *const sys::cudaDataType).cast(),
+                    size_of::<sys::cudaDataType>(),
+                )
+                .map_err(err("cublasLtMatmulDescSetAttribute (bias type)"))?;
             }
             lt::set_matmul_pref_attribute(
                 pref,
@@ -425,7 +629,15 @@ impl Device {
                 pref,
             );
             lt::destroy_matmul_pref(pref).map_err(err("cublasLtMatmulPreferenceDestroy"))?;
-            heuristic.map_err(err("cublasLtMatmulAlgoGetHeuristic"))?
+            match heuristic {
+                Err(e)
+                    if p.epilogue != Epilogue::None
+                        && e.0 == sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED =>
+                {
+                    return Err(EpilogueUnsupported(p.epilogue).into());
+                }
+                h => h.map_err(err("cublasLtMatmulAlgoGetHeuristic"))?,
+            }
         };
         Ok(Plan {
             desc,
@@ -440,6 +652,7 @@ impl Device {
         &mut self,
         p: &Problem,
         [first, second, out]: [u64; 3],
+        bias: Option<u64>,
         stream: Option<sys::cudaStream_t>,
     ) -> Result<()> {
         let own = stream.is_none();
@@ -447,6 +660,21 @@ impl Device {
         let workspace = self.workspace(stream)?;
         let handle = self.handle;
         let plan = self.plan(p)?;
+        if let Some(bias) = bias {
+            let bias = bias as *const c_void;
+            // SAFETY: a device pointer, the documented value of this attribute; the plan's
+            // descriptor is used under the `DEVICES` mutex only, and cuBLASLt reads it when the
+            // product is queued.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    (&bias as *const *const c_void).cast(),
+                    size_of::<*const c_void>(),
+                )
+                .map_err(|e| anyhow!("cublasLtMatmulDescSetAttribute (bias): {e}"))?;
+            }
+        }
         let (alpha, beta) = (1.0f32, 0.0f32);
         let ptr = |p: u64| p as *const c_void;
         // SAFETY: the pointers are live CubeCL allocations of the layouts' sizes, and the plan
@@ -627,6 +855,8 @@ mod stream {
     }
 }
 
+mod affine;
+
 #[cfg(test)]
 mod tests {
     //! Needs a CUDA device: `cargo test -p palm --features cuda cublaslt` on the GPU machine.
@@ -705,5 +935,82 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn affine_layers_match_the_composed_product_and_bias_with_gradients() {
+        // SAFETY: as above (every product routed, read once).
+        unsafe { std::env::set_var("PALM_GEMM_MIN_MACS", "0") };
+        let device = CudaDevice::new(0);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let (m, k, n) = (300, 200, 500);
+        // f32 (tf32 products), then bf16 operands with f32 results (`bf16-mixed`).
+        for (product, tolerance) in [
+            (None, Tolerance::rel_abs(1e-2, 1e-2)),
+            (Some(FloatDType::BF16), Tolerance::rel_abs(2e-2, 2e-2)),
+        ] {
+            palm_model::dense::set_product_dtype(product);
+            let rounded = |t: Tensor<B, 2>| match product {
+                Some(p) => t.cast(p).cast(FloatDType::F32),
+                None => t,
+            };
+            let x = Tensor::<B, 2>::random([m, k], normal, &device).require_grad();
+            let bias = Tensor::<B, 1>::random([n], normal, &device).require_grad();
+            let weights = Tensor::<B, 2>::random([m, n], normal, &device);
+            // A weight as a linear layer holds it, and a tied table read transposed.
+            for transposed in [false, true] {
+                let table = if transposed {
+                    Tensor::<B, 2>::random([n, k], normal, &device)
+                } else {
+                    Tensor::<B, 2>::random([k, n], normal, &device)
+                }
+                .require_grad();
+                let w = || {
+                    if transposed {
+                        table.clone().transpose()
+                    } else {
+                        table.clone()
+                    }
+                };
+                let run = |affine: bool| {
+                    let y = if affine {
+                        affine::autodiff((x.clone(), w(), Some(bias.clone())))
+                            .unwrap_or_else(|_| panic!("taken"))
+                    } else {
+                        rounded(x.clone()).matmul(rounded(w())) + bias.clone().unsqueeze::<2>()
+                    };
+                    assert_eq!(y.dtype(), DType::F32, "results in the tensors' type");
+                    let grads = (y.clone() * weights.clone()).sum().backward();
+                    let grad = |t: &Tensor<B, 2>| t.grad(&grads).unwrap().into_data();
+                    [
+                        y.into_data(),
+                        grad(&x),
+                        grad(&table),
+                        bias.grad(&grads).unwrap().into_data(),
+                    ]
+                };
+                let (ours, composed) = (run(true), run(false));
+                for (what, (a, b)) in ["y", "dx", "dW", "db"]
+                    .iter()
+                    .zip(ours.iter().zip(&composed))
+                {
+                    eprintln!("{product:?} transposed={transposed} {what}");
+                    a.assert_approx_eq::<f32>(b, tolerance);
+                }
+                // The fusion and inference backends' maps give the same forward values.
+                let plain = |t: Tensor<B, 2>| t.inner();
+                let fused =
+                    affine::fusion((plain(x.clone()), plain(w()), Some(bias.clone().inner())))
+                        .unwrap_or_else(|_| panic!("taken"));
+                fused
+                    .into_data()
+                    .assert_approx_eq::<f32>(&ours[0], tolerance);
+            }
+        }
+        palm_model::dense::set_product_dtype(None);
+        // Without a bias the map hands the operands back.
+        let x = Tensor::<B, 2>::random([m, k], normal, &device);
+        let w = Tensor::<B, 2>::random([k, n], normal, &device);
+        assert!(affine::autodiff((x, w, None)).is_err());
     }
 }
