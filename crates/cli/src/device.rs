@@ -212,6 +212,7 @@ macro_rules! dispatch {
             $crate::device::Target::Cuda { index, precision } => {
                 let device = $crate::device::cuda_device::<$crate::device::Gpu>(index, precision)?;
                 $crate::device::install_backward::<$crate::device::Gpu>();
+                $crate::kernels::install_training(index);
                 $f::<$crate::device::Gpu>(&device, $($arg),*)
             }
             #[cfg(not(feature = "cuda"))]

@@ -25,6 +25,8 @@ use palm_model::grad::{RowOps, set_row_kernels};
 
 use crate::device::GpuUnfused;
 
+mod layer_norm;
+
 /// Lanes per row: one plane (a warp on NVIDIA GPUs).
 const LANES: u32 = 32;
 
@@ -206,6 +208,20 @@ fn gelu_tanh(x: Tensor<GpuUnfused, 2>) -> Tensor<GpuUnfused, 2> {
         out.clone().into_tensor_arg(),
     );
     wrap(out)
+}
+
+/// Puts the training layer norm ([`layer_norm`]) on the CUDA training backend, unless
+/// `PALM_KERNELS=burn` or the device's planes are not 32 lanes wide (then the written-out
+/// operations stay).
+pub fn install_training(index: usize) {
+    use burn_cubecl::cubecl::Runtime;
+    let on = !std::env::var("PALM_KERNELS").is_ok_and(|v| v == "burn");
+    let client = CudaRuntime::client(&burn_cubecl::cubecl::cuda::CudaDevice::new(index));
+    let hardware = &client.properties().hardware;
+    let fits = hardware.plane_size_min == LANES && hardware.plane_size_max == LANES;
+    palm_model::grad::set_layer_norm::<burn_autodiff::Autodiff<crate::device::Gpu>>(
+        (on && fits).then_some(layer_norm::autodiff as _),
+    );
 }
 
 /// Puts the kernels on the inference backend, unless `PALM_KERNELS=burn`.

@@ -77,6 +77,15 @@ impl<B: Backend> Copy for Written<B> {}
 
 static WRITTEN: PerBackend = PerBackend::new();
 static ROW_KERNELS: PerBackend = PerBackend::new();
+static LAYER_NORMS: PerBackend = PerBackend::new();
+
+/// Runs [`layer_norm`] on backend `B` through `f` (`None`: the other paths again), before the
+/// [`install`]ed or [`set_row_kernels`] ones: a training backend's layer norm as device
+/// kernels with their own backward pass, which falls back to [`written_layer_norm`] for
+/// inputs it does not take.
+pub fn set_layer_norm<B: Backend>(f: Option<LayerNormFn<B>>) {
+    LAYER_NORMS.set::<B, _>(f);
+}
 
 /// Runs [`layer_norm`], [`softmax`] and [`gelu_tanh`] on backend `B` through `kernels` (`None`:
 /// burn's operations again). For inference backends, where burn runs each as a chain of
@@ -138,10 +147,13 @@ pub fn layer_norm<B: Backend, const D: usize>(
     epsilon: f64,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    match (row_ops::<B>(), &ln.beta) {
-        (Some(ops), Some(beta)) => {
+    let f = LAYER_NORMS
+        .get::<B, LayerNormFn<B>>()
+        .or_else(|| row_ops::<B>().map(|ops| ops.layer_norm));
+    match (f, &ln.beta) {
+        (Some(f), Some(beta)) => {
             let (x, dims) = rows(x);
-            (ops.layer_norm)(x, ln.gamma.val(), beta.val(), epsilon).reshape(dims)
+            f(x, ln.gamma.val(), beta.val(), epsilon).reshape(dims)
         }
         _ => ln.forward(x),
     }
@@ -317,6 +329,17 @@ fn layer_norm_parts<I: Backend>(
     let normalized = centered / denom.clone();
     let y = normalized.clone() * gamma.unsqueeze::<2>() + beta.unsqueeze::<2>();
     (y, normalized, denom)
+}
+
+/// The layer norm with its backward pass written out in burn's operations (what [`install`]
+/// puts on `Autodiff<I>`), for a [`set_layer_norm`] function to fall back to.
+pub fn written_layer_norm<I: Backend>(
+    x: Tensor<Autodiff<I>, 2>,
+    gamma: Tensor<Autodiff<I>, 1>,
+    beta: Tensor<Autodiff<I>, 1>,
+    epsilon: f64,
+) -> Tensor<Autodiff<I>, 2> {
+    autodiff_layer_norm::<I>(x, gamma, beta, epsilon)
 }
 
 fn autodiff_layer_norm<I: Backend>(
@@ -715,6 +738,37 @@ mod tests {
 
     fn normal<const D: usize>(shape: [usize; D], scale: f64) -> Tensor<A, D> {
         Tensor::random(shape, Distribution::Normal(0.0, scale), &NdArrayDevice::Cpu)
+    }
+
+    #[test]
+    fn a_layer_norm_set_for_a_backend_runs_until_unset() {
+        // Its own backend type (i16 indices): no other test sets a layer norm for it.
+        type G = NdArray<f32, i16>;
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn counted(
+            x: Tensor<G, 2>,
+            gamma: Tensor<G, 1>,
+            beta: Tensor<G, 1>,
+            epsilon: f64,
+        ) -> Tensor<G, 2> {
+            CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            burn_layer_norm(x, gamma, beta, epsilon)
+        }
+        let device = NdArrayDevice::Cpu;
+        let ln = LayerNormConfig::new(6)
+            .with_epsilon(1e-6)
+            .init::<G>(&device);
+        let x = Tensor::<G, 3>::random([2, 3, 6], Distribution::Normal(0.0, 1.0), &device);
+        let plain = layer_norm(&ln, 1e-6, x.clone()).into_data();
+        set_layer_norm::<G>(Some(counted));
+        let set = layer_norm(&ln, 1e-6, x.clone());
+        assert_eq!(set.dims(), [2, 3, 6]);
+        set.into_data()
+            .assert_approx_eq::<f32>(&plain, Tolerance::absolute(1e-6));
+        assert_eq!(CALLS.load(std::sync::atomic::Ordering::Relaxed), 1);
+        set_layer_norm::<G>(None);
+        layer_norm(&ln, 1e-6, x);
+        assert_eq!(CALLS.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[test]

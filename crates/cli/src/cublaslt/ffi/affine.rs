@@ -85,7 +85,10 @@ pub(super) fn autodiff(
     let (xp, wp, bp) = (unwrap(x), unwrap(w), bias.into_primitive().tensor());
     let own = xp.primitive.dtype;
     let operands = operand_dtype(own);
-    let (xc, wc) = (cast(xp.primitive, operands), cast(wp.primitive, operands));
+    let (xc, wc) = (
+        cast_input(xp.primitive, operands),
+        cast(wp.primitive, operands),
+    );
     let (y, _) = fusion_product(xc.clone(), wc.clone(), own, Extra::Bias(bp.primitive));
     let y = match AffineBackward
         .prepare::<NoCheckpointing>([xp.node, wp.node, bp.node])
@@ -143,6 +146,40 @@ pub(super) fn cube(
     };
     let (x, w) = (cast(x), cast(w));
     Ok(wrap(cube_product(x, w, own, Extra::Bias(bias)).0))
+}
+
+thread_local! {
+    /// The latest inputs cast to the product type, by tensor (fusion's tensor ids are never
+    /// reused): the query, key and value projections read one input, and the twelve decoder
+    /// layers' cross-attention keys and values all read the encoder's output.
+    static CAST_INPUTS: std::cell::RefCell<Vec<(burn_ir::TensorId, FusionTensor<FusionR>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// How many cast inputs [`CAST_INPUTS`] keeps (the least recently used goes first).
+const CAST_INPUTS_KEPT: usize = 4;
+
+/// [`cast`] for a linear layer's input, casting a tensor once however many layers read it.
+fn cast_input(t: FusionTensor<FusionR>, dtype: DType) -> FusionTensor<FusionR> {
+    if t.dtype == dtype {
+        return t;
+    }
+    CAST_INPUTS.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        let hit = kept
+            .iter()
+            .position(|(id, c)| *id == t.id && c.dtype == dtype);
+        let entry = match hit {
+            Some(i) => kept.remove(i),
+            None => (t.id, cast(t, dtype)),
+        };
+        let cast = entry.1.clone();
+        kept.push(entry);
+        if kept.len() > CAST_INPUTS_KEPT {
+            kept.remove(0);
+        }
+        cast
+    })
 }
 
 /// `t` in `dtype` (itself when it is already).

@@ -1,0 +1,418 @@
+//! The training layer norm as two CubeCL kernels (`--features cuda`): forward one launch that
+//! also keeps each row's mean and `1/σ`, backward one launch for the input's gradient and the
+//! per-block sums of γ's and β's, then one column sum.
+//!
+//! Written out with burn's operations (`palm_model::grad`), a layer norm is about four
+//! launches forward (two row means, the normalisation, γ and β, as burn's fusion groups them)
+//! and eight backward (two row means, the input's gradient, two two-stage column sums), and it
+//! keeps the normalised input, `[rows, d]` in f32, for the backward pass. PALM-base has 62
+//! layer norms, and its training step is bound by the host's cost per launch (some 4,600
+//! launches at batch 256, `palm bench --trace`). Here: one launch forward and three backward,
+//! and the saved state is two `[rows]` vectors besides the input the residual keeps anyway.
+//!
+//! f32 and contiguous rows on a device with 32-lane planes; anything else takes the
+//! written-out operations.
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Shape, TensorPrimitive};
+use burn_autodiff::Autodiff;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_cubecl::cubecl::CubeDim;
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::tensor::CubeTensor;
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+
+use super::{LANES, row_cubes};
+
+type Cube = burn_cubecl::CubeBackend<CudaRuntime, f32, i32, u8>;
+type Gpu = Fusion<Cube>;
+type FusionR = <Cube as FusionBackend>::FusionRuntime;
+type Handle = <FusionR as FusionRuntime>::FusionHandle;
+
+/// Rows per cube of the backward kernel: each cube sums γ's and β's gradients over its rows
+/// into one row of partial sums, `[rows / 16, 2d]` in all, which one column sum finishes.
+const BACKWARD_ROWS: usize = 16;
+
+mod device_code {
+    use burn_cubecl::cubecl;
+    use cubecl::prelude::*;
+
+    /// One plane of 32 lanes per row, each lane taking every 32nd element: `out = (x − μ) / σ ·
+    /// γ + β`, and `μ` and `1/σ` per row.
+    #[cube(launch)]
+    pub fn forward<F: Float>(
+        x: &Tensor<F>,
+        gamma: &Tensor<F>,
+        beta: &Tensor<F>,
+        out: &mut Tensor<F>,
+        mean_out: &mut Tensor<F>,
+        rstd_out: &mut Tensor<F>,
+        eps: f32,
+        rows: usize,
+        d: usize,
+    ) {
+        if CUBE_POS >= rows {
+            terminate!();
+        }
+        let row = CUBE_POS;
+        let base = row * d;
+        let lane = UNIT_POS as usize;
+        let mut sum = F::new(0.0);
+        for i in range_stepped(lane, d, 32usize) {
+            sum += x[base + i];
+        }
+        let mean = plane_sum(sum) / F::cast_from(d);
+        let mut squares = F::new(0.0);
+        for i in range_stepped(lane, d, 32usize) {
+            let c = x[base + i] - mean;
+            squares += c * c;
+        }
+        let std = F::sqrt(plane_sum(squares) / F::cast_from(d) + F::cast_from(eps));
+        for i in range_stepped(lane, d, 32usize) {
+            out[base + i] = (x[base + i] - mean) / std * gamma[i] + beta[i];
+        }
+        if lane == 0 {
+            mean_out[row] = mean;
+            rstd_out[row] = F::new(1.0) / std;
+        }
+    }
+
+    /// One plane per cube over `per_cube` rows: `dx = (ĝ − mean(ĝ) − x̂ · mean(ĝ x̂)) / σ` with
+    /// `ĝ = g γ` per row, and the cube's sums of `g x̂` (γ's gradient) and `g` (β's) per column
+    /// in its row of `partial [cubes, 2d]`. A lane always takes the same columns, so it alone
+    /// reads and writes their partial sums.
+    #[cube(launch)]
+    pub fn backward<F: Float>(
+        g: &Tensor<F>,
+        x: &Tensor<F>,
+        mean: &Tensor<F>,
+        rstd: &Tensor<F>,
+        gamma: &Tensor<F>,
+        dx: &mut Tensor<F>,
+        partial: &mut Tensor<F>,
+        rows: usize,
+        d: usize,
+        per_cube: usize,
+    ) {
+        let first = CUBE_POS * per_cube;
+        if first >= rows {
+            terminate!();
+        }
+        let mut end = first + per_cube;
+        if end > rows {
+            end = rows;
+        }
+        let lane = UNIT_POS as usize;
+        let pbase = CUBE_POS * 2 * d;
+        for i in range_stepped(lane, d, 32usize) {
+            partial[pbase + i] = F::new(0.0);
+            partial[pbase + d + i] = F::new(0.0);
+        }
+        for row in first..end {
+            let base = row * d;
+            let m = mean[row];
+            let s = rstd[row];
+            let mut sum_g = F::new(0.0);
+            let mut sum_gx = F::new(0.0);
+            for i in range_stepped(lane, d, 32usize) {
+                let xh = (x[base + i] - m) * s;
+                let gh = g[base + i] * gamma[i];
+                sum_g += gh;
+                sum_gx += gh * xh;
+            }
+            let mean_g = plane_sum(sum_g) / F::cast_from(d);
+            let mean_gx = plane_sum(sum_gx) / F::cast_from(d);
+            for i in range_stepped(lane, d, 32usize) {
+                let xh = (x[base + i] - m) * s;
+                let gi = g[base + i];
+                dx[base + i] = (gi * gamma[i] - mean_g - xh * mean_gx) * s;
+                partial[pbase + i] += gi * xh;
+                partial[pbase + d + i] += gi;
+            }
+        }
+    }
+}
+
+/// An uninitialised f32 tensor of `shape` on `like`'s device.
+fn empty(like: &CubeTensor<CudaRuntime>, shape: Shape) -> CubeTensor<CudaRuntime> {
+    burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        shape,
+        DType::F32,
+    )
+}
+
+fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+    if t.is_contiguous() {
+        t
+    } else {
+        burn_cubecl::kernel::into_contiguous(t)
+    }
+}
+
+/// Registers a custom operation on the fusion backend: `inputs` in, outputs of `shapes` (f32)
+/// out, `run` on the CubeCL tensors.
+fn register(
+    name: &'static str,
+    inputs: Vec<FusionTensor<FusionR>>,
+    shapes: Vec<Shape>,
+    run: fn(Vec<CubeTensor<CudaRuntime>>, f64) -> Vec<CubeTensor<CudaRuntime>>,
+    eps: f64,
+) -> Vec<FusionTensor<FusionR>> {
+    #[derive(Debug)]
+    struct Op {
+        desc: CustomOpIr,
+        run: fn(Vec<CubeTensor<CudaRuntime>>, f64) -> Vec<CubeTensor<CudaRuntime>>,
+        eps: f64,
+    }
+
+    impl Operation<FusionR> for Op {
+        fn execute(&self, handles: &mut HandleContainer<Handle>) {
+            let inputs = self
+                .desc
+                .inputs
+                .iter()
+                .map(|ir| contiguous(handles.get_float_tensor::<Cube>(ir)))
+                .collect();
+            for (ir, t) in self.desc.outputs.iter().zip((self.run)(inputs, self.eps)) {
+                handles.register_float_tensor::<Cube>(&ir.id, t);
+            }
+        }
+    }
+
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(&inputs);
+    let outputs: Vec<TensorIr> = shapes
+        .into_iter()
+        .map(|s| TensorIr::uninit(client.create_empty_handle(), s, DType::F32))
+        .collect();
+    let inputs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
+    let desc = CustomOpIr::new(name, &inputs, &outputs);
+    client.register(
+        streams,
+        OperationIr::Custom(desc.clone()),
+        Op { desc, run, eps },
+    )
+}
+
+/// Forward on CubeCL tensors `[x, γ, β]`: `[y, μ, 1/σ]`.
+fn forward_kernel(t: Vec<CubeTensor<CudaRuntime>>, eps: f64) -> Vec<CubeTensor<CudaRuntime>> {
+    let [x, gamma, beta]: [CubeTensor<CudaRuntime>; 3] = t.try_into().expect("three inputs");
+    let [rows, d] = [x.meta.shape()[0], x.meta.shape()[1]];
+    let (out, mean, rstd) = (
+        empty(&x, Shape::new([rows, d])),
+        empty(&x, Shape::new([rows])),
+        empty(&x, Shape::new([rows])),
+    );
+    device_code::forward::launch::<f32, CudaRuntime>(
+        &x.client,
+        row_cubes(rows),
+        CubeDim::new_1d(LANES),
+        x.clone().into_tensor_arg(),
+        gamma.into_tensor_arg(),
+        beta.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        mean.clone().into_tensor_arg(),
+        rstd.clone().into_tensor_arg(),
+        eps as f32,
+        rows,
+        d,
+    );
+    vec![out, mean, rstd]
+}
+
+/// Backward on CubeCL tensors `[g, x, μ, 1/σ, γ]`: `[dx, partial sums [cubes, 2d]]`.
+fn backward_kernel(t: Vec<CubeTensor<CudaRuntime>>, _: f64) -> Vec<CubeTensor<CudaRuntime>> {
+    let [g, x, mean, rstd, gamma]: [CubeTensor<CudaRuntime>; 5] =
+        t.try_into().expect("five inputs");
+    let [rows, d] = [x.meta.shape()[0], x.meta.shape()[1]];
+    let cubes = rows.div_ceil(BACKWARD_ROWS);
+    let (dx, partial) = (
+        empty(&x, Shape::new([rows, d])),
+        empty(&x, Shape::new([cubes, 2 * d])),
+    );
+    let client = x.client.clone();
+    device_code::backward::launch::<f32, CudaRuntime>(
+        &client,
+        row_cubes(cubes),
+        CubeDim::new_1d(LANES),
+        g.into_tensor_arg(),
+        x.into_tensor_arg(),
+        mean.into_tensor_arg(),
+        rstd.into_tensor_arg(),
+        gamma.into_tensor_arg(),
+        dx.clone().into_tensor_arg(),
+        partial.clone().into_tensor_arg(),
+        rows,
+        d,
+        BACKWARD_ROWS,
+    );
+    vec![dx, partial]
+}
+
+fn wrap<const D: usize>(p: FusionTensor<FusionR>) -> Tensor<Gpu, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// Whether the kernels take `x [rows, d]` with `γ` and `β`: f32 and at least one row (the
+/// device's 32-lane planes are checked once, when the kernels are installed).
+fn takes(
+    x: &FusionTensor<FusionR>,
+    gamma: &FusionTensor<FusionR>,
+    beta: &FusionTensor<FusionR>,
+) -> bool {
+    [x.dtype, gamma.dtype, beta.dtype]
+        .iter()
+        .all(|&d| d == DType::F32)
+        && x.shape[0] > 0
+}
+
+/// The layer norm of the CUDA training backend ([`palm_model::grad::set_layer_norm`]).
+pub(crate) fn autodiff(
+    x: Tensor<Autodiff<Gpu>, 2>,
+    gamma: Tensor<Autodiff<Gpu>, 1>,
+    beta: Tensor<Autodiff<Gpu>, 1>,
+    epsilon: f64,
+) -> Tensor<Autodiff<Gpu>, 2> {
+    #[derive(Debug)]
+    struct LayerNormBackward;
+
+    impl Backward<Gpu, 3> for LayerNormBackward {
+        /// `x`, `μ`, `1/σ` and γ.
+        type State = [FusionTensor<FusionR>; 4];
+
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let g = grads.consume::<Gpu>(&ops.node);
+            let [x, mean, rstd, gamma] = ops.state;
+            let d = x.shape[1];
+            let cubes = x.shape[0].div_ceil(BACKWARD_ROWS);
+            let shapes = vec![x.shape.clone(), Shape::new([cubes, 2 * d])];
+            let mut out = register(
+                "palm_layer_norm_backward",
+                vec![g, x, mean, rstd, gamma],
+                shapes,
+                backward_kernel,
+                0.0,
+            )
+            .into_iter();
+            let (dx, partial) = (out.next().expect("dx"), out.next().expect("partial sums"));
+            let [x_node, gamma_node, beta_node] = ops.parents;
+            if gamma_node.is_some() || beta_node.is_some() {
+                let sums = palm_model::grad::column_sum(wrap::<2>(partial));
+                if let Some(node) = gamma_node {
+                    grads.register::<Gpu>(
+                        node.id,
+                        sums.clone().slice(0..d).into_primitive().tensor(),
+                    );
+                }
+                if let Some(node) = beta_node {
+                    grads.register::<Gpu>(node.id, sums.slice(d..2 * d).into_primitive().tensor());
+                }
+            }
+            if let Some(node) = x_node {
+                grads.register::<Gpu>(node.id, dx);
+            }
+        }
+    }
+
+    let (xp, gp, bp) = (
+        x.into_primitive().tensor(),
+        gamma.into_primitive().tensor(),
+        beta.into_primitive().tensor(),
+    );
+    if !takes(&xp.primitive, &gp.primitive, &bp.primitive) {
+        return palm_model::grad::written_layer_norm(
+            Tensor::from_primitive(TensorPrimitive::Float(xp)),
+            Tensor::from_primitive(TensorPrimitive::Float(gp)),
+            Tensor::from_primitive(TensorPrimitive::Float(bp)),
+            epsilon,
+        );
+    }
+    let [rows, _] = [xp.primitive.shape[0], xp.primitive.shape[1]];
+    let mut out = register(
+        "palm_layer_norm",
+        vec![
+            xp.primitive.clone(),
+            gp.primitive.clone(),
+            bp.primitive.clone(),
+        ],
+        vec![
+            xp.primitive.shape.clone(),
+            Shape::new([rows]),
+            Shape::new([rows]),
+        ],
+        forward_kernel,
+        epsilon,
+    )
+    .into_iter();
+    let (y, mean, rstd) = (
+        out.next().expect("y"),
+        out.next().expect("mean"),
+        out.next().expect("1/σ"),
+    );
+    let y: FloatTensor<Autodiff<Gpu>> = match LayerNormBackward
+        .prepare::<NoCheckpointing>([xp.node.clone(), gp.node.clone(), bp.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish([xp.primitive, mean, rstd, gp.primitive], y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Needs a CUDA device: `cargo test -p palm --features cuda kernels` on the GPU machine.
+    use super::*;
+    use burn::tensor::{Distribution, Tolerance};
+    use burn_cubecl::cubecl::cuda::CudaDevice;
+
+    type B = Autodiff<Gpu>;
+
+    #[test]
+    fn training_layer_norm_matches_the_written_out_one_with_gradients() {
+        let device = CudaDevice::new(0);
+        let normal = Distribution::Normal(0.0, 2.0);
+        let tolerance = Tolerance::<f32>::rel_abs(1e-4, 1e-4);
+        // A row shorter than a plane, rows not a multiple of the backward's 16, PALM-base's
+        // width over more rows than one cube takes.
+        for (rows, d) in [(3, 7), (70, 50), (37, 768)] {
+            let x = Tensor::<B, 2>::random([rows, d], normal, &device).require_grad();
+            let gamma = Tensor::<B, 1>::random([d], normal, &device).require_grad();
+            let beta = Tensor::<B, 1>::random([d], normal, &device).require_grad();
+            let weights = Tensor::<B, 2>::random([rows, d], normal, &device);
+            let run = |kernel: bool| {
+                let f = if kernel {
+                    autodiff
+                } else {
+                    palm_model::grad::written_layer_norm::<Gpu>
+                };
+                let y = f(x.clone(), gamma.clone(), beta.clone(), 1e-12);
+                let grads = (y.clone() * weights.clone()).sum().backward();
+                [
+                    y.into_data(),
+                    x.grad(&grads).unwrap().into_data(),
+                    gamma.grad(&grads).unwrap().into_data(),
+                    beta.grad(&grads).unwrap().into_data(),
+                ]
+            };
+            let (ours, written) = (run(true), run(false));
+            for (what, (a, b)) in ["y", "dx", "dγ", "dβ"]
+                .iter()
+                .zip(ours.iter().zip(&written))
+            {
+                eprintln!("[{rows}, {d}] {what}");
+                a.assert_approx_eq::<f32>(b, tolerance);
+            }
+        }
+    }
+}
