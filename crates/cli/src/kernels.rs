@@ -25,6 +25,7 @@ use palm_model::grad::{RowOps, set_row_kernels};
 
 use crate::device::GpuUnfused;
 
+mod attention;
 mod layer_norm;
 
 /// Lanes per row: one plane (a warp on NVIDIA GPUs).
@@ -210,7 +211,8 @@ fn gelu_tanh(x: Tensor<GpuUnfused, 2>) -> Tensor<GpuUnfused, 2> {
     wrap(out)
 }
 
-/// Puts the training layer norm ([`layer_norm`]) on the CUDA training backend, unless
+/// Puts the training layer norm ([`layer_norm`]) and attention's probabilities
+/// ([`attention`]) on the CUDA training backend, unless
 /// `PALM_KERNELS=burn` or the device's planes are not 32 lanes wide (then the written-out
 /// operations stay).
 pub fn install_training(index: usize) {
@@ -219,8 +221,10 @@ pub fn install_training(index: usize) {
     let client = CudaRuntime::client(&burn_cubecl::cubecl::cuda::CudaDevice::new(index));
     let hardware = &client.properties().hardware;
     let fits = hardware.plane_size_min == LANES && hardware.plane_size_max == LANES;
-    palm_model::grad::set_layer_norm::<burn_autodiff::Autodiff<crate::device::Gpu>>(
-        (on && fits).then_some(layer_norm::autodiff as _),
+    type Train = burn_autodiff::Autodiff<crate::device::Gpu>;
+    palm_model::grad::set_layer_norm::<Train>((on && fits).then_some(layer_norm::autodiff as _));
+    palm_model::attention::set_attention_probs::<Train>(
+        (on && fits).then_some(attention::autodiff as _),
     );
 }
 

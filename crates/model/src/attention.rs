@@ -7,11 +7,29 @@ use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::dense::{for_product, product};
+use crate::registry::PerBackend;
 
 /// The fill value of masked scores. PALM's decoder uses -1e18 (not -inf), which makes a fully
 /// masked row a uniform average instead of NaN (`palm-reference.md` §2.5); BERT's additive
 /// mask (`finfo.min`) gives the same result wherever a row has one unmasked key.
 pub const MASK_FILL: f32 = -1e18;
+
+/// The operands of attention's probabilities: scores `[b, h, tq, tk]`, the mask (`true` where
+/// the key is hidden, broadcastable to the scores) and the dropout probability.
+pub type ProbsOperands<B> = (Tensor<B, 4>, Option<Tensor<B, 4, Bool>>, f64);
+
+/// The masked softmax of the scores with dropout in one operation for one backend (device
+/// kernels with their own backward pass); it hands the operands back (`Err`) for scores it
+/// does not take.
+pub type Probs<B> = fn(ProbsOperands<B>) -> Result<Tensor<B, 4>, Box<ProbsOperands<B>>>;
+
+static PROBS: PerBackend = PerBackend::new();
+
+/// Computes [`attention`]'s probabilities on backend `B` through `probs` (`None`: the mask
+/// fill, softmax and dropout as separate operations again).
+pub fn set_attention_probs<B: Backend>(probs: Option<Probs<B>>) {
+    PROBS.set::<B, _>(probs);
+}
 
 /// `softmax(q·kᵀ + mask) · v` with `q` already scaled.
 ///
@@ -25,7 +43,17 @@ pub fn attention<B: Backend>(
     mask: Option<Tensor<B, 4, Bool>>,
     dropout: &burn::nn::Dropout,
 ) -> Tensor<B, 4> {
-    let mut scores = product(q, k.swap_dims(2, 3));
+    let scores = product(q, k.swap_dims(2, 3));
+    let (mut scores, mask) = match PROBS.get::<B, Probs<B>>() {
+        Some(f) => match f((scores, mask, dropout.prob)) {
+            Ok(probs) => return product(probs, v),
+            Err(operands) => {
+                let (scores, mask, _) = *operands;
+                (scores, mask)
+            }
+        },
+        None => (scores, mask),
+    };
     if let Some(mask) = mask {
         let shape = scores.dims();
         scores = scores.mask_fill(mask.expand(shape), MASK_FILL);
@@ -91,6 +119,68 @@ mod tests {
     use burn_ndarray::{NdArray, NdArrayDevice};
 
     type B = NdArray<f32>;
+
+    #[test]
+    fn probabilities_set_for_a_backend_replace_the_composed_ones_until_unset() {
+        // Its own backend type (i16 indices): no other test sets probabilities for it.
+        type G = NdArray<f32, i16>;
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        // Takes the scores of 5 keys (the masked softmax as burn computes it) and hands back
+        // the rest.
+        fn five_keys(
+            (scores, mask, prob): ProbsOperands<G>,
+        ) -> Result<Tensor<G, 4>, Box<ProbsOperands<G>>> {
+            let shape = scores.dims();
+            if shape[3] != 5 {
+                return Err(Box::new((scores, mask, prob)));
+            }
+            CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mask = mask.expect("a mask").expand(shape);
+            Ok(burn::tensor::activation::softmax(
+                scores.mask_fill(mask, MASK_FILL),
+                3,
+            ))
+        }
+        let device = NdArrayDevice::Cpu;
+        let normal = Distribution::Normal(0.0, 1.0);
+        let no_dropout = burn::nn::DropoutConfig::new(0.0).init();
+        let run = |tk: usize| {
+            let q = Tensor::<G, 4>::random([2, 3, 4, 6], normal, &device);
+            let k = Tensor::<G, 4>::random([2, 3, tk, 6], normal, &device);
+            let v = Tensor::<G, 4>::random([2, 3, tk, 6], normal, &device);
+            let hidden: Vec<bool> = (0..2 * tk).map(|i| i % tk == tk - 1).collect();
+            let mask =
+                Tensor::<G, 4, Bool>::from_data(TensorData::new(hidden, [2, 1, 1, tk]), &device);
+            let out = || {
+                attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    Some(mask.clone()),
+                    &no_dropout,
+                )
+                .into_data()
+            };
+            let plain = out();
+            set_attention_probs::<G>(Some(five_keys));
+            let set = out();
+            set_attention_probs::<G>(None);
+            set.assert_approx_eq::<f32>(&plain, Default::default());
+            out().assert_approx_eq::<f32>(&plain, Default::default());
+        };
+        run(5);
+        assert_eq!(
+            CALLS.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "taken once, then unset"
+        );
+        run(7);
+        assert_eq!(
+            CALLS.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "7 keys handed back"
+        );
+    }
 
     #[test]
     fn the_fused_op_equals_the_reference_attention_where_a_key_is_visible() {
