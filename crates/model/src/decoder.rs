@@ -9,7 +9,7 @@ use burn::prelude::*;
 use crate::attention::{
     attention, fused_attention, fused_cross_attention, merge_heads, split_heads,
 };
-use crate::dense::dense;
+use crate::dense::{dense, dense_narrow};
 use crate::grad;
 use crate::init::{embedding, layer_norm, linear};
 
@@ -164,7 +164,7 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         let f = &self.feed_forward;
         let inner = grad::dropout(
             &f.dropout_1,
-            grad::gelu_tanh(dense(&f.w_1, norm(&f.layer_norm, x.clone()))),
+            grad::gelu_tanh(dense_narrow(&f.w_1, norm(&f.layer_norm, x.clone()))),
         );
         grad::dropout(&f.dropout_2, dense(&f.w_2, inner)) + x
     }

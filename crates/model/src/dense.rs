@@ -9,7 +9,7 @@
 //! the leading axes into rows gives one GEMM forward and one per gradient, with the same
 //! arithmetic per output element.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -106,12 +106,14 @@ pub(crate) fn product_2d<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor
 /// table) and the bias `[n]`, if any.
 pub type AffineOperands<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 1>>);
 
-/// `x · w + bias` in one call for one backend, in the [`product_dtype`] and returned in `x`'s
-/// type: what a binary substitutes for the product, its casts and the bias addition where a
-/// vendor library does all of it in one GEMM (cuBLASLt's bias epilogue forward, its bias
-/// gradient epilogue backward, operands cast to bf16 and results written in f32). It hands
-/// the operands back (`Err`, boxed: three tensors) for products it does not take.
-pub type Affine<B> = fn(AffineOperands<B>) -> Result<Tensor<B, 2>, Box<AffineOperands<B>>>;
+/// `x · w + bias` in one call for one backend, in the [`product_dtype`] and returned in the
+/// type asked for (`w`'s, or the product type for [`dense_narrow`]): what a binary substitutes
+/// for the product, its casts and the bias addition where a vendor library does all of it in
+/// one GEMM (cuBLASLt's bias epilogue forward, its bias gradient epilogue backward, operands
+/// cast to bf16 and results written in f32). `x` may already be in the product type. It
+/// hands the operands back (`Err`, boxed: three tensors) for products it does not take.
+pub type Affine<B> =
+    fn(AffineOperands<B>, FloatDType) -> Result<Tensor<B, 2>, Box<AffineOperands<B>>>;
 
 /// The [`Affine`] map set for each backend type.
 static AFFINES: PerBackend = PerBackend::new();
@@ -127,34 +129,78 @@ pub fn has_affine<B: Backend>() -> bool {
     AFFINES.get::<B, Affine<B>>().is_some()
 }
 
-/// `x · w + bias` for matrices: through the backend's [`Affine`] map if it takes them, else a
-/// [`product_2d`] and the bias added.
+/// `x · w + bias` for matrices, in `out`: through the backend's [`Affine`] map if it takes
+/// them, else a [`product_2d`] in `w`'s type, the bias added, and a cast to `out`.
 fn affine<B: Backend>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
+    out: FloatDType,
 ) -> Tensor<B, 2> {
     let (x, w, bias) = match AFFINES.get::<B, Affine<B>>() {
-        Some(f) => match f((x, w, bias)) {
+        Some(f) => match f((x, w, bias), out) {
             Ok(y) => return y,
             Err(operands) => *operands,
         },
         None => (x, w, bias),
     };
+    let own: FloatDType = w.dtype().into();
+    let x = if x.dtype() == w.dtype() {
+        x
+    } else {
+        x.cast(own)
+    };
     let y = product_2d(x, w);
-    match bias {
+    let y = match bias {
         Some(bias) => crate::grad::add_bias(y, bias),
         None => y,
-    }
+    };
+    if out == own { y } else { y.cast(out) }
 }
 
-/// `x · W + b` for `x [.., d_in]`, as one `[rows, d_in] · [d_in, d_out]` product.
+/// `x · W + b` for `x [.., d_in]`, as one `[rows, d_in] · [d_in, d_out]` product, in the
+/// weight's type (`x` may be in the [`product_dtype`], as [`dense_narrow`] leaves it).
 pub fn dense<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let own = layer.weight.val().dtype().into();
+    dense_in(layer, x, own)
+}
+
+/// [`dense`] with its result left in the [`product_dtype`] when one is set: a feed-forward
+/// block's inner activation, which autocast also leaves in bf16, so the GELU runs in it and
+/// the second layer reads it without a cast (at batch 256 the encoder's is 100 M elements).
+/// Off ([`set_narrow_inner`]`(false)`), it is [`dense`].
+pub fn dense_narrow<B: Backend, const D: usize>(
+    layer: &Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let own = layer.weight.val().dtype().into();
+    let out = match product_dtype() {
+        Some(p) if NARROW_INNER.load(Ordering::Relaxed) => p,
+        _ => own,
+    };
+    dense_in(layer, x, out)
+}
+
+/// Whether [`dense_narrow`] leaves its result in the product type (the default).
+static NARROW_INNER: AtomicBool = AtomicBool::new(true);
+
+/// Turns [`dense_narrow`]'s product-type results on or off (for measuring one against the
+/// other; process-wide, like [`set_product_dtype`]).
+pub fn set_narrow_inner(on: bool) {
+    NARROW_INNER.store(on, Ordering::Relaxed);
+}
+
+fn dense_in<B: Backend, const D: usize>(
+    layer: &Linear<B>,
+    x: Tensor<B, D>,
+    out_dtype: FloatDType,
+) -> Tensor<B, D> {
     let (rows, dims) = fold(&x);
     let y = affine(
         x.reshape([rows, dims[D - 1]]),
         layer.weight.val(),
         layer.bias.as_ref().map(|b| b.val()),
+        out_dtype,
     );
     let mut out = dims;
     out[D - 1] = y.dims()[1];
@@ -170,7 +216,13 @@ pub fn project_onto<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     let (rows, dims) = fold(&x);
     let [n, _] = w.dims();
-    let y = affine(x.reshape([rows, dims[D - 1]]), w.transpose(), Some(bias));
+    let own = w.dtype().into();
+    let y = affine(
+        x.reshape([rows, dims[D - 1]]),
+        w.transpose(),
+        Some(bias),
+        own,
+    );
     let mut out = dims;
     out[D - 1] = n;
     y.reshape(out)
@@ -287,6 +339,7 @@ mod tests {
         static AFFINE_SEEN: std::sync::Mutex<Vec<[usize; 2]>> = std::sync::Mutex::new(Vec::new());
         fn seven_columns(
             (x, w, bias): AffineOperands<G>,
+            _: FloatDType,
         ) -> Result<Tensor<G, 2>, Box<AffineOperands<G>>> {
             if w.dims()[1] != 7 {
                 return Err(Box::new((x, w, bias)));

@@ -8,7 +8,7 @@ use burn::tensor::activation::gelu;
 
 use crate::attention::{attention, merge_heads, split_heads};
 use crate::config::BertConfig;
-use crate::dense::dense;
+use crate::dense::{dense, dense_narrow};
 use crate::grad;
 use crate::init::{embedding, layer_norm, linear};
 
@@ -201,7 +201,7 @@ impl<B: Backend> BertLayer<B> {
         let v = split_heads(dense(&a.value, x.clone()), a.heads);
         let ctx = merge_heads(attention(q, k, v, Some(mask), &a.dropout));
         let h = self.attention.output.forward(ctx, x);
-        let inner = gelu(dense(&self.intermediate.dense, h.clone()));
+        let inner = gelu(dense_narrow(&self.intermediate.dense, h.clone()));
         self.output.forward(inner, h)
     }
 }

@@ -255,9 +255,9 @@ static NO_EPILOGUE: [std::sync::atomic::AtomicBool; 2] =
     [const { std::sync::atomic::AtomicBool::new(false) }; 2];
 
 /// `a · b` (`[m, k] · [k, n]`, operands of one type) for CubeCL tensors through cuBLASLt on
-/// the tensors' device, written in `out`'s type, with the bias added or its gradient taken in
-/// the product's epilogue (`extra`): one launch where burn needs a product, casts and a
-/// reduction.
+/// the tensors' device, written in `out_dtype`, with the bias added or its gradient taken in
+/// the product's epilogue (`extra`; the bias in its own type, the gradient in `out_dtype`):
+/// one launch where burn needs a product, casts and a reduction.
 fn cube_product(
     a: CubeTensor<CudaRuntime>,
     b: CubeTensor<CudaRuntime>,
@@ -325,6 +325,7 @@ fn cube_product(
         let problem = Problem {
             dtype: a.dtype,
             out: out_dtype,
+            vector: vector.as_ref().map_or(out_dtype, |v| v.dtype),
             epilogue,
             first: b_layout,
             second: a_layout,
@@ -380,7 +381,11 @@ fn product_then_extra(
     });
     let out = cube_product(a, b, out_dtype, Extra::None).0;
     let out = match extra {
-        Extra::Bias(bias) => Cube::float_add(out, Cube::float_reshape(bias, Shape::new([1, n]))),
+        Extra::Bias(bias) => {
+            let bias = Cube::float_reshape(bias, Shape::new([1, n]));
+            let out = Cube::float_cast(out, bias.dtype.into());
+            Cube::float_cast(Cube::float_add(out, bias), out_dtype.into())
+        }
         _ => out,
     };
     (out, sums)
@@ -391,8 +396,10 @@ fn product_then_extra(
 struct Problem {
     /// The operands' type.
     dtype: DType,
-    /// The result's (and the bias's): f32 for bf16 operands under `bf16-mixed`.
+    /// The result's: f32 for bf16 operands under `bf16-mixed` (bf16 for an inner activation).
     out: DType,
+    /// The bias's or the bias gradient's (the tensors' own type).
+    vector: DType,
     epilogue: Epilogue,
     first: Operand,
     second: Operand,
@@ -581,7 +588,7 @@ impl Device {
             }
             if p.epilogue != Epilogue::None {
                 let epilogue = p.epilogue.code();
-                let bias_type = cuda_type(p.out);
+                let bias_type = cuda_type(p.vector);
                 lt::set_matmul_desc_attribute(
                     desc,
                     CUBLASLT_MATMUL_DESC_EPILOGUE,
@@ -956,6 +963,9 @@ mod tests {
             };
             let x = Tensor::<B, 2>::random([m, k], normal, &device).require_grad();
             let bias = Tensor::<B, 1>::random([n], normal, &device).require_grad();
+            // A second layer `[n] → [k]`, for the feed-forward case below.
+            let w2 = Tensor::<B, 2>::random([n, k], normal, &device);
+            let bias2 = Tensor::<B, 1>::random([k], normal, &device);
             // The output's gradient, exact in the product type: the map rounds it to bf16
             // as autocast does, where the composed reference multiplies it in f32.
             let weights = rounded(Tensor::<B, 2>::random([m, n], normal, &device));
@@ -976,7 +986,7 @@ mod tests {
                 };
                 let run = |affine: bool| {
                     let y = if affine {
-                        affine::autodiff((x.clone(), w(), Some(bias.clone())))
+                        affine::autodiff((x.clone(), w(), Some(bias.clone())), FloatDType::F32)
                             .unwrap_or_else(|_| panic!("taken"))
                     } else {
                         rounded(x.clone()).matmul(rounded(w())) + bias.clone().unsqueeze::<2>()
@@ -1001,18 +1011,56 @@ mod tests {
                 }
                 // The fusion and inference backends' maps give the same forward values.
                 let plain = |t: Tensor<B, 2>| t.inner();
-                let fused =
-                    affine::fusion((plain(x.clone()), plain(w()), Some(bias.clone().inner())))
-                        .unwrap_or_else(|_| panic!("taken"));
+                let fused = affine::fusion(
+                    (plain(x.clone()), plain(w()), Some(bias.clone().inner())),
+                    FloatDType::F32,
+                )
+                .unwrap_or_else(|_| panic!("taken"));
                 fused
                     .into_data()
                     .assert_approx_eq::<f32>(&ours[0], tolerance);
+
+                // A feed-forward block under bf16-mixed: the inner activation left in bf16
+                // (`dense_narrow`), and the next layer reading it as it is.
+                if let Some(p) = product {
+                    let narrow = affine::autodiff((x.clone(), w(), Some(bias.clone())), p)
+                        .unwrap_or_else(|_| panic!("taken"));
+                    assert_eq!(narrow.dtype(), p.into(), "left in the product type");
+                    let wide = affine::autodiff(
+                        (
+                            narrow.clone().cast(FloatDType::F32),
+                            w2.clone(),
+                            Some(bias2.clone()),
+                        ),
+                        FloatDType::F32,
+                    )
+                    .unwrap_or_else(|_| panic!("taken"));
+                    let read = affine::autodiff(
+                        (narrow.clone(), w2.clone(), Some(bias2.clone())),
+                        FloatDType::F32,
+                    )
+                    .unwrap_or_else(|_| panic!("taken"));
+                    assert_eq!(read.dtype(), DType::F32);
+                    read.clone()
+                        .into_data()
+                        .assert_approx_eq::<f32>(&wide.into_data(), tolerance);
+                    narrow
+                        .clone()
+                        .cast(FloatDType::F32)
+                        .into_data()
+                        .assert_approx_eq::<f32>(&ours[0], tolerance);
+                    // The gradient reaches x through the bf16 activation.
+                    let grads = read.sum().backward();
+                    let dx = x.grad(&grads).expect("dx through the narrow layer");
+                    assert_eq!(dx.dims(), [m, k]);
+                    assert!(dx.abs().sum().into_scalar() > 0.0);
+                }
             }
         }
         palm_model::dense::set_product_dtype(None);
         // Without a bias the map hands the operands back.
         let x = Tensor::<B, 2>::random([m, k], normal, &device);
         let w = Tensor::<B, 2>::random([k, n], normal, &device);
-        assert!(affine::autodiff((x, w, None)).is_err());
+        assert!(affine::autodiff((x, w, None), FloatDType::F32).is_err());
     }
 }

@@ -10,8 +10,8 @@
 //! writing f32, the second also summing the gradient's columns.
 
 use burn::prelude::*;
-use burn::tensor::DType;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+use burn::tensor::{DType, FloatDType};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
@@ -30,48 +30,65 @@ fn operand_dtype(own: DType) -> DType {
     product_dtype().map_or(own, Into::into)
 }
 
-/// Whether the affine map takes `x [m, k] · w [k, n] + bias`: a bias, one float type for the
-/// three, and a product cuBLASLt takes.
-fn takes(x: [usize; 2], w: [usize; 2], dtypes: [DType; 3], bias: bool) -> bool {
+/// Whether the affine map takes `x [m, k] · w [k, n] + bias` into `out`: a bias of `w`'s type
+/// (f32 or bf16), `x` and `out` in that type or the product type, and a product cuBLASLt
+/// takes.
+fn takes(
+    x: [usize; 2],
+    w: [usize; 2],
+    [x_dtype, own, bias_dtype]: [DType; 3],
+    out: DType,
+    bias: bool,
+) -> bool {
     let ([m, k], [_, n]) = (x, w);
-    bias && dtypes.iter().all(|&d| d == dtypes[0])
-        && matches!(dtypes[0], DType::F32 | DType::BF16)
-        && routed(operand_dtype(dtypes[0]), m, k, n, min_macs())
+    let operands = operand_dtype(own);
+    bias && matches!(own, DType::F32 | DType::BF16)
+        && bias_dtype == own
+        && [x_dtype, out].iter().all(|&d| d == own || d == operands)
+        && routed(operands, m, k, n, min_macs())
+}
+
+/// The float types of `(x, w, bias)`.
+fn dtypes<B: Backend>((x, w, bias): &AffineOperands<B>) -> [DType; 3] {
+    [
+        x.dtype(),
+        w.dtype(),
+        bias.as_ref().map_or(w.dtype(), |b| b.dtype()),
+    ]
 }
 
 /// The affine map of the autodiff backend (training).
 pub(super) fn autodiff(
-    (x, w, bias): AffineOperands<Autodiff<Gpu>>,
+    operands: AffineOperands<Autodiff<Gpu>>,
+    out: FloatDType,
 ) -> Result<Tensor<Autodiff<Gpu>, 2>, Box<AffineOperands<Autodiff<Gpu>>>> {
-    let dtypes = [
-        x.dtype(),
-        w.dtype(),
-        bias.as_ref().map_or(x.dtype(), |b| b.dtype()),
-    ];
-    if !takes(x.dims(), w.dims(), dtypes, bias.is_some()) {
-        return Err(Box::new((x, w, bias)));
+    let out: DType = out.into();
+    let (x, w, bias) = &operands;
+    if !takes(x.dims(), w.dims(), dtypes(&operands), out, bias.is_some()) {
+        return Err(Box::new(operands));
     }
+    let (x, w, bias) = operands;
     let bias = bias.expect("taken with a bias");
 
     #[derive(Debug)]
     struct AffineBackward;
 
     impl Backward<Gpu, 3> for AffineBackward {
-        /// `x` and `W` in the operands' type.
-        type State = (FusionTensor<FusionR>, FusionTensor<FusionR>);
+        /// `x` and `W` in the operands' type, and their own types (the gradients').
+        type State = (FusionTensor<FusionR>, FusionTensor<FusionR>, DType, DType);
 
         fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
             let g = grads.consume::<Gpu>(&ops.node);
-            let (x, w) = ops.state;
-            let own = g.dtype;
+            let (x, w, x_dtype, w_dtype) = ops.state;
             let g = cast(g, x.dtype);
             let [x_node, w_node, bias_node] = ops.parents;
             if let Some(node) = x_node {
-                let (dx, _) = fusion_product(g.clone(), Gpu::float_transpose(w), own, Extra::None);
+                let (dx, _) =
+                    fusion_product(g.clone(), Gpu::float_transpose(w), x_dtype, Extra::None);
                 grads.register::<Gpu>(node.id, dx);
             }
             if w_node.is_some() || bias_node.is_some() {
-                let (dw, db) = fusion_product(Gpu::float_transpose(x), g, own, Extra::BiasGrad);
+                let (dw, db) = fusion_product(Gpu::float_transpose(x), g, w_dtype, Extra::BiasGrad);
                 if let Some(node) = w_node {
                     grads.register::<Gpu>(node.id, dw);
                 }
@@ -83,19 +100,16 @@ pub(super) fn autodiff(
     }
 
     let (xp, wp, bp) = (unwrap(x), unwrap(w), bias.into_primitive().tensor());
-    let own = xp.primitive.dtype;
-    let operands = operand_dtype(own);
-    let (xc, wc) = (
-        cast_input(xp.primitive, operands),
-        cast(wp.primitive, operands),
-    );
-    let (y, _) = fusion_product(xc.clone(), wc.clone(), own, Extra::Bias(bp.primitive));
+    let (x_dtype, w_dtype) = (xp.primitive.dtype, wp.primitive.dtype);
+    let operands = operand_dtype(w_dtype);
+    let (xc, wc) = (cast(xp.primitive, operands), cast(wp.primitive, operands));
+    let (y, _) = fusion_product(xc.clone(), wc.clone(), out, Extra::Bias(bp.primitive));
     let y = match AffineBackward
         .prepare::<NoCheckpointing>([xp.node, wp.node, bp.node])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((xc, wc), y),
+        OpsKind::Tracked(prep) => prep.finish((xc, wc, x_dtype, w_dtype), y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
     Ok(wrap(y))
@@ -103,40 +117,36 @@ pub(super) fn autodiff(
 
 /// The affine map of the fusion backend (a training run's validation).
 pub(super) fn fusion(
-    (x, w, bias): AffineOperands<Gpu>,
+    operands: AffineOperands<Gpu>,
+    out: FloatDType,
 ) -> Result<Tensor<Gpu, 2>, Box<AffineOperands<Gpu>>> {
-    let dtypes = [
-        x.dtype(),
-        w.dtype(),
-        bias.as_ref().map_or(x.dtype(), |b| b.dtype()),
-    ];
-    if !takes(x.dims(), w.dims(), dtypes, bias.is_some()) {
-        return Err(Box::new((x, w, bias)));
+    let out: DType = out.into();
+    let (x, w, bias) = &operands;
+    if !takes(x.dims(), w.dims(), dtypes(&operands), out, bias.is_some()) {
+        return Err(Box::new(operands));
     }
+    let (x, w, bias) = operands;
     let bias: FloatTensor<Gpu> = bias.expect("taken with a bias").into_primitive().tensor();
-    let (x, w) = (unwrap(x), unwrap(w));
-    let own = x.dtype;
-    let operands = operand_dtype(own);
+    let (x, w): (FusionTensor<FusionR>, FusionTensor<FusionR>) = (unwrap(x), unwrap(w));
+    let operands = operand_dtype(w.dtype);
     let (x, w) = (cast(x, operands), cast(w, operands));
-    Ok(wrap(fusion_product(x, w, own, Extra::Bias(bias)).0))
+    Ok(wrap(fusion_product(x, w, out, Extra::Bias(bias)).0))
 }
 
 /// The affine map of the backend without fusion (inference).
 pub(super) fn cube(
-    (x, w, bias): AffineOperands<Cube>,
+    operands: AffineOperands<Cube>,
+    out: FloatDType,
 ) -> Result<Tensor<Cube, 2>, Box<AffineOperands<Cube>>> {
-    let dtypes = [
-        x.dtype(),
-        w.dtype(),
-        bias.as_ref().map_or(x.dtype(), |b| b.dtype()),
-    ];
-    if !takes(x.dims(), w.dims(), dtypes, bias.is_some()) {
-        return Err(Box::new((x, w, bias)));
+    let out: DType = out.into();
+    let (x, w, bias) = &operands;
+    if !takes(x.dims(), w.dims(), dtypes(&operands), out, bias.is_some()) {
+        return Err(Box::new(operands));
     }
+    let (x, w, bias) = operands;
     let bias: CubeTensor<CudaRuntime> = bias.expect("taken with a bias").into_primitive().tensor();
     let (x, w): (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>) = (unwrap(x), unwrap(w));
-    let own = x.dtype;
-    let operands = operand_dtype(own);
+    let operands = operand_dtype(w.dtype);
     let cast = |t: CubeTensor<CudaRuntime>| {
         if t.dtype == operands {
             t
@@ -145,41 +155,7 @@ pub(super) fn cube(
         }
     };
     let (x, w) = (cast(x), cast(w));
-    Ok(wrap(cube_product(x, w, own, Extra::Bias(bias)).0))
-}
-
-thread_local! {
-    /// The latest inputs cast to the product type, by tensor (fusion's tensor ids are never
-    /// reused): the query, key and value projections read one input, and the twelve decoder
-    /// layers' cross-attention keys and values all read the encoder's output.
-    static CAST_INPUTS: std::cell::RefCell<Vec<(burn_ir::TensorId, FusionTensor<FusionR>)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// How many cast inputs [`CAST_INPUTS`] keeps (the least recently used goes first).
-const CAST_INPUTS_KEPT: usize = 4;
-
-/// [`cast`] for a linear layer's input, casting a tensor once however many layers read it.
-fn cast_input(t: FusionTensor<FusionR>, dtype: DType) -> FusionTensor<FusionR> {
-    if t.dtype == dtype {
-        return t;
-    }
-    CAST_INPUTS.with(|kept| {
-        let mut kept = kept.borrow_mut();
-        let hit = kept
-            .iter()
-            .position(|(id, c)| *id == t.id && c.dtype == dtype);
-        let entry = match hit {
-            Some(i) => kept.remove(i),
-            None => (t.id, cast(t, dtype)),
-        };
-        let cast = entry.1.clone();
-        kept.push(entry);
-        if kept.len() > CAST_INPUTS_KEPT {
-            kept.remove(0);
-        }
-        cast
-    })
+    Ok(wrap(cube_product(x, w, out, Extra::Bias(bias)).0))
 }
 
 /// `t` in `dtype` (itself when it is already).
