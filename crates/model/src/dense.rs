@@ -168,7 +168,7 @@ pub fn dense<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> 
 /// [`dense`] with its result left in the [`product_dtype`] when one is set: a feed-forward
 /// block's inner activation, which autocast also leaves in bf16, so the GELU runs in it and
 /// the second layer reads it without a cast (at batch 256 the encoder's is 100 M elements).
-/// Off ([`set_narrow_inner`]`(false)`), it is [`dense`].
+/// Off (the default; [`set_narrow_inner`]), it is [`dense`].
 pub fn dense_narrow<B: Backend, const D: usize>(
     layer: &Linear<B>,
     x: Tensor<B, D>,
@@ -181,8 +181,9 @@ pub fn dense_narrow<B: Backend, const D: usize>(
     dense_in(layer, x, out)
 }
 
-/// Whether [`dense_narrow`] leaves its result in the product type (the default).
-static NARROW_INNER: AtomicBool = AtomicBool::new(true);
+/// Whether [`dense_narrow`] leaves its result in the product type (off by default: its
+/// first GPU run, 2026-12-01, failed; see `docs/benchmarks.md`, item 29).
+static NARROW_INNER: AtomicBool = AtomicBool::new(false);
 
 /// Turns [`dense_narrow`]'s product-type results on or off (for measuring one against the
 /// other; process-wide, like [`set_product_dtype`]).

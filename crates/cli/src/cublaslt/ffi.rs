@@ -636,10 +636,16 @@ impl Device {
                 pref,
             );
             lt::destroy_matmul_pref(pref).map_err(err("cublasLtMatmulPreferenceDestroy"))?;
+            use sys::cublasStatus_t::{CUBLAS_STATUS_INVALID_VALUE, CUBLAS_STATUS_NOT_SUPPORTED};
+            // A bf16 result with an f32 bias was an invalid value (2026-12-01), not an
+            // unsupported one: either way CubeCL's kernels can do the epilogue's work.
             match heuristic {
                 Err(e)
                     if p.epilogue != Epilogue::None
-                        && e.0 == sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED =>
+                        && matches!(
+                            e.0,
+                            CUBLAS_STATUS_NOT_SUPPORTED | CUBLAS_STATUS_INVALID_VALUE
+                        ) =>
                 {
                     return Err(EpilogueUnsupported(p.epilogue).into());
                 }

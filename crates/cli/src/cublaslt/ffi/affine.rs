@@ -103,7 +103,10 @@ pub(super) fn autodiff(
     let (x_dtype, w_dtype) = (xp.primitive.dtype, wp.primitive.dtype);
     let operands = operand_dtype(w_dtype);
     let (xc, wc) = (cast(xp.primitive, operands), cast(wp.primitive, operands));
-    let (y, _) = fusion_product(xc.clone(), wc.clone(), out, Extra::Bias(bp.primitive));
+    // cuBLASLt adds a bias of the result's type (a bf16 result with an f32 bias is an invalid
+    // value to its heuristic); autocast casts the bias too.
+    let bias = cast(bp.primitive, out);
+    let (y, _) = fusion_product(xc.clone(), wc.clone(), out, Extra::Bias(bias));
     let y = match AffineBackward
         .prepare::<NoCheckpointing>([xp.node, wp.node, bp.node])
         .compute_bound()
@@ -129,7 +132,7 @@ pub(super) fn fusion(
     let bias: FloatTensor<Gpu> = bias.expect("taken with a bias").into_primitive().tensor();
     let (x, w): (FusionTensor<FusionR>, FusionTensor<FusionR>) = (unwrap(x), unwrap(w));
     let operands = operand_dtype(w.dtype);
-    let (x, w) = (cast(x, operands), cast(w, operands));
+    let (x, w, bias) = (cast(x, operands), cast(w, operands), cast(bias, out));
     Ok(wrap(fusion_product(x, w, out, Extra::Bias(bias)).0))
 }
 
@@ -147,14 +150,14 @@ pub(super) fn cube(
     let bias: CubeTensor<CudaRuntime> = bias.expect("taken with a bias").into_primitive().tensor();
     let (x, w): (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>) = (unwrap(x), unwrap(w));
     let operands = operand_dtype(w.dtype);
-    let cast = |t: CubeTensor<CudaRuntime>| {
-        if t.dtype == operands {
+    let cast = |t: CubeTensor<CudaRuntime>, dtype: DType| {
+        if t.dtype == dtype {
             t
         } else {
-            Cube::float_cast(t, operands.into())
+            Cube::float_cast(t, dtype.into())
         }
     };
-    let (x, w) = (cast(x), cast(w));
+    let (x, w, bias) = (cast(x, operands), cast(w, operands), cast(bias, out));
     Ok(wrap(cube_product(x, w, out, Extra::Bias(bias)).0))
 }
 
