@@ -249,10 +249,10 @@ enum Extra<T> {
     BiasGrad,
 }
 
-/// Whether cuBLASLt lacked an algorithm for the bias (0) and bias-gradient (1) epilogues once:
-/// CubeCL's kernels do that work from then on.
-static NO_EPILOGUE: [std::sync::atomic::AtomicBool; 2] =
-    [const { std::sync::atomic::AtomicBool::new(false) }; 2];
+/// Whether a product has fallen back from an epilogue cuBLASLt has no algorithm for (reported
+/// once).
+static EPILOGUE_FELL_BACK: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// `a · b` (`[m, k] · [k, n]`, operands of one type) for CubeCL tensors through cuBLASLt on
 /// the tensors' device, written in `out_dtype`, with the bias added or its gradient taken in
@@ -264,15 +264,6 @@ fn cube_product(
     out_dtype: DType,
     extra: Extra<CubeTensor<CudaRuntime>>,
 ) -> (CubeTensor<CudaRuntime>, Option<CubeTensor<CudaRuntime>>) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let slot = match extra {
-        Extra::None => None,
-        Extra::Bias(_) => Some(0),
-        Extra::BiasGrad => Some(1),
-    };
-    if slot.is_some_and(|i| NO_EPILOGUE[i].load(Relaxed)) {
-        return product_then_extra(a, b, out_dtype, extra);
-    }
     let layout =
         |t: &CubeTensor<CudaRuntime>| operand(dims2(t.meta.shape()), dims2(t.meta.strides()));
     // A matrix whose rows and columns are both strided is copied first.
@@ -356,9 +347,8 @@ fn cube_product(
     match result {
         Ok(()) => (out, vector.filter(|_| epilogue == Epilogue::BiasGrad)),
         Err(e) if e.is::<EpilogueUnsupported>() => {
-            let i = slot.expect("only epilogues are unsupported");
-            if !NO_EPILOGUE[i].swap(true, Relaxed) {
-                tracing::warn!("{e}: CubeCL's kernels do its work");
+            if !EPILOGUE_FELL_BACK.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!("{e} ([{m}, ?] x [?, {n}]): CubeCL's kernels do its work");
             }
             product_then_extra(a, b, out_dtype, extra)
         }
@@ -467,6 +457,8 @@ struct Device {
     /// Keyed by stream: products in one stream run in order and may share one workspace.
     workspaces: HashMap<usize, u64>,
     plans: HashMap<Problem, Plan>,
+    /// Problems whose epilogue cuBLASLt has no algorithm for: asked once each.
+    no_epilogue: std::collections::HashSet<Problem>,
 }
 
 // The raw cuBLASLt handles are used under the `DEVICES` mutex only.
@@ -516,6 +508,7 @@ impl Device {
             handle,
             workspaces: HashMap::new(),
             plans: HashMap::new(),
+            no_epilogue: Default::default(),
         })
     }
 
@@ -532,8 +525,15 @@ impl Device {
     }
 
     fn plan(&mut self, p: &Problem) -> Result<&Plan> {
+        if self.no_epilogue.contains(p) {
+            return Err(EpilogueUnsupported(p.epilogue).into());
+        }
         if !self.plans.contains_key(p) {
-            let plan = self.make_plan(p)?;
+            let plan = self.make_plan(p).inspect_err(|e| {
+                if e.is::<EpilogueUnsupported>() {
+                    self.no_epilogue.insert(*p);
+                }
+            })?;
             self.plans.insert(*p, plan);
         }
         Ok(&self.plans[p])
