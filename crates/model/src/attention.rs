@@ -6,7 +6,7 @@ use burn::prelude::*;
 
 use burn::tensor::ops::AttentionModuleOptions;
 
-use crate::dense::{for_product, product};
+use crate::dense::{batched_product, for_product};
 use crate::registry::PerBackend;
 
 /// The fill value of masked scores. PALM's decoder uses -1e18 (not -inf), which makes a fully
@@ -43,10 +43,10 @@ pub fn attention<B: Backend>(
     mask: Option<Tensor<B, 4, Bool>>,
     dropout: &burn::nn::Dropout,
 ) -> Tensor<B, 4> {
-    let scores = product(q, k.swap_dims(2, 3));
+    let scores = batched_product(q, k.swap_dims(2, 3));
     let (mut scores, mask) = match PROBS.get::<B, Probs<B>>() {
         Some(f) => match f((scores, mask, dropout.prob)) {
-            Ok(probs) => return product(probs, v),
+            Ok(probs) => return batched_product(probs, v),
             Err(operands) => {
                 let (scores, mask, _) = *operands;
                 (scores, mask)
@@ -59,7 +59,7 @@ pub fn attention<B: Backend>(
         scores = scores.mask_fill(mask.expand(shape), MASK_FILL);
     }
     let probs = crate::grad::dropout(dropout, crate::grad::softmax(scores));
-    product(probs, v)
+    batched_product(probs, v)
 }
 
 /// `softmax(q·kᵀ / √dh, masked keys hidden) · v` through burn's fused attention op, which a

@@ -66,6 +66,40 @@ pub fn product<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> 
     for_product(a).matmul(for_product(b)).cast(own)
 }
 
+/// The operands of a [`Batched`] product: `[b, h, m, k]` and `[b, h, k, n]` (either may be a
+/// view with swapped axes).
+pub type BatchedOperands<B> = (Tensor<B, 4>, Tensor<B, 4>);
+
+/// Attention's batched products for one backend, in the [`product_dtype`] and returned in the
+/// type asked for (a vendor library's strided batches where burn's matmul is slower); it
+/// hands the operands back (`Err`) for products it does not take.
+pub type Batched<B> =
+    fn(BatchedOperands<B>, FloatDType) -> Result<Tensor<B, 4>, Box<BatchedOperands<B>>>;
+
+static BATCHED: PerBackend = PerBackend::new();
+
+/// Routes [`batched_product`] on backend `B` through `batched` (`None`: [`product`] again).
+pub fn set_batched<B: Backend>(batched: Option<Batched<B>>) {
+    BATCHED.set::<B, _>(batched);
+}
+
+/// `a · b` for `[b, h, m, k]` and `[b, h, k, n]` (attention's scores and weighted sums), in the
+/// [`product_dtype`] and returned in `a`'s type: through the backend's [`Batched`] product if
+/// it takes them, else [`product`].
+pub fn batched_product<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    let (a, b) = match BATCHED.get::<B, Batched<B>>() {
+        Some(f) => {
+            let own = a.dtype().into();
+            match f((a, b), own) {
+                Ok(y) => return y,
+                Err(operands) => *operands,
+            }
+        }
+        None => (a, b),
+    };
+    product(a, b)
+}
+
 /// A `[m, k] · [k, n]` product for one backend, in its operands' float type: what a binary
 /// substitutes for burn's own matmul on a device where a vendor library is faster (cuBLASLt
 /// on CUDA). Operands may be transposed views.
@@ -293,6 +327,49 @@ mod tests {
         for (a, b) in grads(&g).into_iter().zip(grads(&g_ref)) {
             close(a, b);
         }
+    }
+
+    #[test]
+    fn a_batched_product_set_for_a_backend_takes_what_it_accepts_until_unset() {
+        // Its own backend type (i8 indices): no other test sets batched products for it.
+        type G = NdArray<f32, i8>;
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn five_columns(
+            (a, b): BatchedOperands<G>,
+            out: FloatDType,
+        ) -> Result<Tensor<G, 4>, Box<BatchedOperands<G>>> {
+            if b.dims()[3] != 5 {
+                return Err(Box::new((a, b)));
+            }
+            CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(a.matmul(b).cast(out))
+        }
+        let device = NdArrayDevice::Cpu;
+        let normal = Distribution::Normal(0.0, 1.0);
+        let a = Tensor::<G, 4>::random([2, 3, 4, 6], normal, &device);
+        let run = |n: usize| {
+            let b = Tensor::<G, 4>::random([2, 3, n, 6], normal, &device).swap_dims(2, 3);
+            let plain = product(a.clone(), b.clone()).into_data();
+            set_batched::<G>(Some(five_columns));
+            let set = batched_product(a.clone(), b.clone()).into_data();
+            set_batched::<G>(None);
+            set.assert_approx_eq::<f32>(&plain, Default::default());
+            batched_product(a.clone(), b)
+                .into_data()
+                .assert_approx_eq::<f32>(&plain, Default::default());
+        };
+        run(5);
+        assert_eq!(
+            CALLS.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "taken once, then unset"
+        );
+        run(7);
+        assert_eq!(
+            CALLS.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "7 columns handed back"
+        );
     }
 
     #[test]

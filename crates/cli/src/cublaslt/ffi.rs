@@ -66,6 +66,9 @@ pub fn install(index: usize) -> Result<()> {
         palm_model::dense::set_affine::<Gpu>(Some(affine::fusion));
         palm_model::dense::set_affine::<Autodiff<Gpu>>(Some(affine::autodiff));
     }
+    if std::env::var("PALM_ATTENTION_GEMM").is_ok_and(|v| v == "cublaslt") {
+        palm_model::dense::set_batched::<Autodiff<Gpu>>(Some(batched::autodiff));
+    }
     Ok(())
 }
 
@@ -297,11 +300,45 @@ fn cube_product(
         Extra::BiasGrad => (Epilogue::BiasGrad, Some(empty(&a, Shape::new([n])))),
     };
 
-    let client = a.client.clone();
-    let index = a.device.index;
-    // On CubeCL's device thread, after every operation queued before this product: the
-    // operands' memory, then the product on CubeCL's own stream (no wait for the device), or,
-    // where that stream is unknown, on this module's after draining CubeCL's.
+    // Row-major C = A · B is column-major Cᵀ = Bᵀ · Aᵀ: cuBLASLt's first operand is B, and a
+    // row-major result's columns are its rows (the bias's and the sums' axis).
+    let problem = Problem {
+        dtype: a.dtype,
+        out: out_dtype,
+        vector: vector.as_ref().map_or(out_dtype, |v| v.dtype),
+        epilogue,
+        first: b_layout,
+        second: a_layout,
+        batch: 1,
+        batch_strides: [0; 3],
+        m: n as u64,
+        n: m as u64,
+        align: [0; 3],
+    };
+    let result = enqueue(problem, [&b, &a, &out], vector.as_ref());
+    match result {
+        Ok(()) => (out, vector.filter(|_| epilogue == Epilogue::BiasGrad)),
+        Err(e) if e.is::<EpilogueUnsupported>() => {
+            if !EPILOGUE_FELL_BACK.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!("{e} ([{m}, ?] x [?, {n}]): CubeCL's kernels do its work");
+            }
+            product_then_extra(a, b, out_dtype, extra)
+        }
+        Err(e) => panic!("cuBLASLt [{m}, ?] x [?, {n}] in {:?}: {e:#}", a.dtype),
+    }
+}
+
+/// Queues `problem` for `[first, second, result]` (and the bias or its gradient), its
+/// alignments read from their pointers: on CubeCL's device thread, after every operation
+/// queued before it (the tensors' memory), then on CubeCL's own stream (no wait for the
+/// device) or, where that stream is unknown, on this module's after draining CubeCL's.
+fn enqueue(
+    mut problem: Problem,
+    tensors: [&CubeTensor<CudaRuntime>; 3],
+    vector: Option<&CubeTensor<CudaRuntime>>,
+) -> Result<()> {
+    let client = tensors[0].client.clone();
+    let index = tensors[0].device.index;
     let run = || -> Result<()> {
         // Errors, not panics: this runs on CubeCL's device thread.
         let resource = |t: &CubeTensor<CudaRuntime>| {
@@ -309,23 +346,16 @@ fn cube_product(
                 .get_resource(t.handle.clone())
                 .map_err(|e| anyhow!("a CUDA tensor's memory: {e:?}"))
         };
-        let (ra, rb, rout) = (resource(&a)?, resource(&b)?, resource(&out)?);
-        let rvector = vector.as_ref().map(resource).transpose()?;
-        // Row-major C = A · B is column-major Cᵀ = Bᵀ · Aᵀ: cuBLASLt's first operand is B, and
-        // a row-major result's columns are its rows (the bias's and the sums' axis).
-        let problem = Problem {
-            dtype: a.dtype,
-            out: out_dtype,
-            vector: vector.as_ref().map_or(out_dtype, |v| v.dtype),
-            epilogue,
-            first: b_layout,
-            second: a_layout,
-            m: n as u64,
-            n: m as u64,
-            align: [ra.resource().ptr, rb.resource().ptr, rout.resource().ptr]
-                .map(|p| (p & p.wrapping_neg()).min(256) as u32),
-        };
-        let pointers = [rb.resource().ptr, ra.resource().ptr, rout.resource().ptr];
+        let held = tensors.map(resource);
+        let [first, second, out] = held;
+        let (first, second, out) = (first?, second?, out?);
+        let rvector = vector.map(resource).transpose()?;
+        let pointers = [
+            first.resource().ptr,
+            second.resource().ptr,
+            out.resource().ptr,
+        ];
+        problem.align = pointers.map(|p| (p & p.wrapping_neg()).min(256) as u32);
         let vector_ptr = rvector.as_ref().map(|r| r.resource().ptr);
         let result = match stream::backend_stream(&client) {
             Some(stream) => with_device(index, |d| {
@@ -337,23 +367,13 @@ fn cube_product(
                 with_device(index, |d| d.matmul(&problem, pointers, vector_ptr, None))
             }
         };
-        drop((ra, rb, rout, rvector));
+        drop((first, second, out, rvector));
         result
     };
-    let result = client
+    client
         .exclusive(run)
         .map_err(|e| anyhow!("CubeCL's device thread: {e:?}"))
-        .and_then(|r| r);
-    match result {
-        Ok(()) => (out, vector.filter(|_| epilogue == Epilogue::BiasGrad)),
-        Err(e) if e.is::<EpilogueUnsupported>() => {
-            if !EPILOGUE_FELL_BACK.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                tracing::warn!("{e} ([{m}, ?] x [?, {n}]): CubeCL's kernels do its work");
-            }
-            product_then_extra(a, b, out_dtype, extra)
-        }
-        Err(e) => panic!("cuBLASLt [{m}, ?] x [?, {n}] in {:?}: {e:#}", a.dtype),
-    }
+        .and_then(|r| r)
 }
 
 /// [`cube_product`]'s result without an epilogue: the product, then the bias added or the
@@ -393,6 +413,10 @@ struct Problem {
     epilogue: Epilogue,
     first: Operand,
     second: Operand,
+    /// Products in the batch (1: one product), and the element offsets between consecutive
+    /// ones of the first operand, the second and the result.
+    batch: u64,
+    batch_strides: [i64; 3],
     m: u64,
     n: u64,
     /// Alignment in bytes (at most 256) of A, B and D: the heuristic picks kernels for it.
@@ -569,6 +593,32 @@ impl Device {
             layout(&p.second).map_err(err("cublasLtMatrixLayoutCreate"))?,
             out_layout(&out).map_err(err("cublasLtMatrixLayoutCreate"))?,
         ];
+        if p.batch > 1 {
+            use sys::cublasLtMatrixLayoutAttribute_t::{
+                CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+            };
+            let count = i32::try_from(p.batch).context("a batch of at most 2³¹ products")?;
+            for (layout, stride) in layouts.iter().zip(p.batch_strides) {
+                // SAFETY: plain values of the documented types and sizes on a layout created
+                // above.
+                unsafe {
+                    lt::set_matrix_layout_attribute(
+                        *layout,
+                        CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        (&count as *const i32).cast(),
+                        size_of::<i32>(),
+                    )
+                    .map_err(err("cublasLtMatrixLayoutSetAttribute (batch count)"))?;
+                    lt::set_matrix_layout_attribute(
+                        *layout,
+                        CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        (&stride as *const i64).cast(),
+                        size_of::<i64>(),
+                    )
+                    .map_err(err("cublasLtMatrixLayoutSetAttribute (batch offset)"))?;
+                }
+            }
+        }
         let pref = lt::create_matmul_pref().map_err(err("cublasLtMatmulPreferenceCreate"))?;
         let workspace = WORKSPACE_BYTES as u64;
         // SAFETY: the attributes' buffers are plain values of the documented types and sizes;
@@ -869,6 +919,7 @@ mod stream {
 }
 
 mod affine;
+mod batched;
 
 #[cfg(test)]
 mod tests {
@@ -1068,5 +1119,66 @@ mod tests {
         let x = Tensor::<B, 2>::random([m, k], normal, &device);
         let w = Tensor::<B, 2>::random([k, n], normal, &device);
         assert!(affine::autodiff((x, w, None), FloatDType::F32).is_err());
+    }
+
+    #[test]
+    fn batched_cublaslt_products_match_burns_matmul_with_gradients() {
+        // SAFETY: as above (every product routed, read once).
+        unsafe { std::env::set_var("PALM_GEMM_MIN_MACS", "0") };
+        let device = CudaDevice::new(0);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let (b, h, t, s, dh) = (2, 3, 17, 9, 8);
+        for (product, tolerance) in [
+            (None, Tolerance::rel_abs(1e-2, 1e-2)),
+            (Some(FloatDType::BF16), Tolerance::rel_abs(2e-2, 2e-2)),
+        ] {
+            palm_model::dense::set_product_dtype(product);
+            let rounded = |t: Tensor<B, 4>| match product {
+                Some(p) => t.cast(p).cast(FloatDType::F32),
+                None => t,
+            };
+            // Heads split from `[b, t, h, dh]` (strided views, as attention gets them) and the
+            // keys read transposed; then a contiguous left operand, as the probabilities are.
+            let q = Tensor::<B, 4>::random([b, t, h, dh], normal, &device).require_grad();
+            let k = Tensor::<B, 4>::random([b, s, h, dh], normal, &device).require_grad();
+            let p = Tensor::<B, 4>::random([b, h, t, s], normal, &device).require_grad();
+            let operands = |case: usize| match case {
+                0 => (
+                    q.clone().swap_dims(1, 2),
+                    k.clone().swap_dims(1, 2).swap_dims(2, 3),
+                ),
+                _ => (p.clone(), k.clone().swap_dims(1, 2)),
+            };
+            for (i, left) in [&q, &p].into_iter().enumerate() {
+                let (x, y) = operands(i);
+                let shape = [b, h, x.dims()[2], y.dims()[3]];
+                let weights = rounded(Tensor::<B, 4>::random(shape, normal, &device));
+                let run = |routed: bool| {
+                    let (x, y) = operands(i);
+                    let out = if routed {
+                        batched::autodiff((x, y), FloatDType::F32)
+                            .unwrap_or_else(|_| panic!("taken"))
+                    } else {
+                        rounded(x).matmul(rounded(y))
+                    };
+                    assert_eq!(out.dtype(), DType::F32);
+                    let grads = (out.clone() * weights.clone()).sum().backward();
+                    [
+                        out.into_data(),
+                        left.grad(&grads).unwrap().into_data(),
+                        k.grad(&grads).unwrap().into_data(),
+                    ]
+                };
+                let (ours, burns) = (run(true), run(false));
+                for (what, (a, c)) in ["product", "d left", "dk"]
+                    .iter()
+                    .zip(ours.iter().zip(&burns))
+                {
+                    eprintln!("{product:?} case {i} {what}");
+                    a.assert_approx_eq::<f32>(c, tolerance);
+                }
+            }
+        }
+        palm_model::dense::set_product_dtype(None);
     }
 }

@@ -1,0 +1,201 @@
+//! Attention's batched products (`[b, h, m, k] · [b, h, k, n]`) through cuBLASLt's strided
+//! batches, operands in the product type and results written in the tensors' own type.
+//!
+//! burn runs them on its own matmul kernels (216 launches and 16 ms of a `bf16-mixed` training
+//! step at batch 256, `palm bench --trace`), each wrapped in casts to bf16 and back. Opt-in
+//! (`PALM_ATTENTION_GEMM=cublaslt`) until measured on the GPU.
+
+use burn::prelude::*;
+use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::{DType, FloatDType, Shape, TensorPrimitive};
+use burn_autodiff::Autodiff;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind, binary};
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::tensor::CubeTensor;
+use burn_fusion::FusionTensor;
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use palm_model::dense::{BatchedOperands, product_dtype};
+
+use super::{Cube, Epilogue, FusionR, Gpu, Handle, Problem, enqueue, min_macs};
+use crate::cublaslt::{Operand, operand, routed};
+
+/// Batched products smaller than this many multiply-accumulates in all keep burn's kernels
+/// (attention at batch 256: the encoder's 3.2·10⁹, the decoder's 0.8 and 1.6·10⁹).
+const MIN_MACS: usize = 1 << 29;
+
+/// How cuBLASLt reads one `[b, h, r, c]` operand: its matrix layout and the offset between
+/// consecutive matrices, when `(b, h)` steps through memory uniformly.
+fn batched_layout(t: &CubeTensor<CudaRuntime>) -> Option<(Operand, i64)> {
+    let (shape, strides) = (t.meta.shape(), t.meta.strides());
+    let [b, h, r, c] = [shape[0], shape[1], shape[2], shape[3]];
+    let [sb, sh, s0, s1] = [strides[0], strides[1], strides[2], strides[3]];
+    let step = match (b, h) {
+        (_, 1) => sb,
+        (1, _) => sh,
+        _ if sb == h * sh => sh,
+        _ => return None,
+    };
+    operand([r, c], [s0, s1]).map(|l| (l, step as i64))
+}
+
+/// `a · b` for `[b, h, m, k]` and `[b, h, k, n]` CubeCL tensors of one type, written in
+/// `out_dtype` as a contiguous `[b, h, m, n]`.
+fn cube_batched(
+    a: CubeTensor<CudaRuntime>,
+    b: CubeTensor<CudaRuntime>,
+    out_dtype: DType,
+) -> CubeTensor<CudaRuntime> {
+    let readable = |t: CubeTensor<CudaRuntime>| match batched_layout(&t) {
+        Some(l) => (t, l),
+        None => {
+            let t = burn_cubecl::kernel::into_contiguous(t);
+            let l = batched_layout(&t).expect("a contiguous tensor steps uniformly");
+            (t, l)
+        }
+    };
+    let shape = a.meta.shape().clone();
+    let [bs, hs, m] = [shape[0], shape[1], shape[2]];
+    let n = b.meta.shape()[3];
+    let (a, (a_layout, a_step)) = readable(a);
+    let (b, (b_layout, b_step)) = readable(b);
+    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+        a.client.clone(),
+        a.device.clone(),
+        Shape::new([bs, hs, m, n]),
+        out_dtype,
+    );
+    // As for one product: cuBLASLt computes the column-major transposes, B's first.
+    let problem = Problem {
+        dtype: a.dtype,
+        out: out_dtype,
+        vector: out_dtype,
+        epilogue: Epilogue::None,
+        first: b_layout,
+        second: a_layout,
+        batch: (bs * hs) as u64,
+        batch_strides: [b_step, a_step, (m * n) as i64],
+        m: n as u64,
+        n: m as u64,
+        align: [0; 3],
+    };
+    enqueue(problem, [&b, &a, &out], None).unwrap_or_else(|e| {
+        panic!(
+            "cuBLASLt batch of {} [{m}, ?] x [?, {n}] in {:?}: {e:#}",
+            bs * hs,
+            a.dtype
+        )
+    });
+    out
+}
+
+/// [`cube_batched`] as a custom operation of the fusion backend.
+fn fusion_batched(
+    a: FusionTensor<FusionR>,
+    b: FusionTensor<FusionR>,
+    out_dtype: DType,
+) -> FusionTensor<FusionR> {
+    #[derive(Debug)]
+    struct BatchedOp {
+        desc: CustomOpIr,
+        out: DType,
+    }
+
+    impl Operation<FusionR> for BatchedOp {
+        fn execute(&self, handles: &mut HandleContainer<Handle>) {
+            let ([a, b], [out]) = self.desc.as_fixed();
+            let a = handles.get_float_tensor::<Cube>(a);
+            let b = handles.get_float_tensor::<Cube>(b);
+            handles.register_float_tensor::<Cube>(&out.id, cube_batched(a, b, self.out));
+        }
+    }
+
+    let shape = Shape::new([a.shape[0], a.shape[1], a.shape[2], b.shape[3]]);
+    let client = a.client.clone();
+    let streams = OperationStreams::with_inputs([&a, &b]);
+    let out = TensorIr::uninit(client.create_empty_handle(), shape, out_dtype);
+    let desc = CustomOpIr::new("palm_cublaslt_batched", &[a.into_ir(), b.into_ir()], &[out]);
+    client
+        .register(
+            streams,
+            OperationIr::Custom(desc.clone()),
+            BatchedOp {
+                desc,
+                out: out_dtype,
+            },
+        )
+        .into_iter()
+        .next()
+        .expect("the product")
+}
+
+/// `t` in `dtype` (itself when it is already).
+fn cast(t: FusionTensor<FusionR>, dtype: DType) -> FusionTensor<FusionR> {
+    if t.dtype == dtype {
+        t
+    } else {
+        Gpu::float_cast(t, dtype.into())
+    }
+}
+
+/// Attention's batched product on the autodiff backend (training): operands cast to the
+/// product type, the result and both gradients written in the tensors' own type.
+pub(super) fn autodiff(
+    (a, b): BatchedOperands<Autodiff<Gpu>>,
+    out: FloatDType,
+) -> Result<Tensor<Autodiff<Gpu>, 4>, Box<BatchedOperands<Autodiff<Gpu>>>> {
+    let ([bs, hs, m, k], [b2, h2, k2, n]) = (a.dims(), b.dims());
+    let own = a.dtype();
+    let operands: DType = product_dtype().map_or(own, Into::into);
+    let macs = bs * hs * m * k * n;
+    if [bs, hs, k] != [b2, h2, k2]
+        || b.dtype() != own
+        || !matches!(own, DType::F32 | DType::BF16)
+        || !routed(operands, 1, 1, macs, min_macs().min(MIN_MACS))
+    {
+        return Err(Box::new((a, b)));
+    }
+    let out: DType = out.into();
+
+    #[derive(Debug)]
+    struct BatchedBackward;
+
+    impl Backward<Gpu, 2> for BatchedBackward {
+        /// Both operands in the product type, and their own types.
+        type State = (FusionTensor<FusionR>, FusionTensor<FusionR>, DType, DType);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (a, b, a_dtype, b_dtype) = ops.state;
+            binary::<Gpu, _, _>(
+                ops.parents,
+                ops.node,
+                grads,
+                |g| {
+                    let g = cast(g, b.dtype);
+                    fusion_batched(g, Gpu::float_swap_dims(b.clone(), 2, 3), a_dtype)
+                },
+                |g| {
+                    let g = cast(g, a.dtype);
+                    fusion_batched(Gpu::float_swap_dims(a.clone(), 2, 3), g, b_dtype)
+                },
+            );
+        }
+    }
+
+    let (ap, bp) = (a.into_primitive().tensor(), b.into_primitive().tensor());
+    let (a_dtype, b_dtype) = (ap.primitive.dtype, bp.primitive.dtype);
+    let (ac, bc) = (cast(ap.primitive, operands), cast(bp.primitive, operands));
+    let y = fusion_batched(ac.clone(), bc.clone(), out);
+    let y = match BatchedBackward
+        .prepare::<NoCheckpointing>([ap.node, bp.node])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((ac, bc, a_dtype, b_dtype), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(y)))
+}
