@@ -212,12 +212,13 @@ fn gelu_tanh(x: Tensor<GpuUnfused, 2>) -> Tensor<GpuUnfused, 2> {
 }
 
 /// Puts the training layer norm ([`layer_norm`]) and attention's probabilities
-/// ([`attention`]) on the CUDA training backend, unless
-/// `PALM_KERNELS=burn` or the device's planes are not 32 lanes wide (then the written-out
-/// operations stay).
+/// ([`attention`]) on the CUDA training backend, unless `PALM_KERNELS=burn` (the written-out
+/// operations stay), `PALM_BACKWARD=burn` (burn's decompositions throughout) or the device's
+/// planes are not 32 lanes wide.
 pub fn install_training(index: usize) {
     use burn_cubecl::cubecl::Runtime;
-    let on = !std::env::var("PALM_KERNELS").is_ok_and(|v| v == "burn");
+    let burn = |var| std::env::var(var).is_ok_and(|v| v == "burn");
+    let on = !burn("PALM_KERNELS") && !burn("PALM_BACKWARD");
     let client = CudaRuntime::client(&burn_cubecl::cubecl::cuda::CudaDevice::new(index));
     let hardware = &client.properties().hardware;
     let fits = hardware.plane_size_min == LANES && hardware.plane_size_max == LANES;
