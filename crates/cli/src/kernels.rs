@@ -107,6 +107,11 @@ mod device_code {
 
 type Cube = CubeTensor<CudaRuntime>;
 
+/// The fusion runtime of the CUDA training backend ([`crate::device::Gpu`]) and its handles:
+/// what the training kernels' custom operations ([`layer_norm`], [`attention`]) run in.
+type FusionR = <GpuUnfused as burn_fusion::FusionBackend>::FusionRuntime;
+type Handle = <FusionR as burn_fusion::FusionRuntime>::FusionHandle;
+
 fn prim<const D: usize>(t: Tensor<GpuUnfused, D>) -> Cube {
     t.into_primitive().tensor()
 }
@@ -122,12 +127,26 @@ fn takes(t: &Cube) -> bool {
 
 /// An uninitialised f32 tensor of `like`'s shape on its device.
 fn empty_like(like: &Cube) -> Cube {
+    empty(like, like.meta.shape().clone())
+}
+
+/// An uninitialised f32 tensor of `shape` on `like`'s device.
+fn empty(like: &Cube, shape: burn::tensor::Shape) -> Cube {
     burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
-        like.meta.shape().clone(),
+        shape,
         DType::F32,
     )
+}
+
+/// `t`, copied first unless its elements are contiguous.
+fn contiguous(t: Cube) -> Cube {
+    if t.is_contiguous() {
+        t
+    } else {
+        burn_cubecl::kernel::into_contiguous(t)
+    }
 }
 
 /// Plane size of the device, where the row kernels need 32.

@@ -162,6 +162,15 @@ fn fusion_gemm(a: FusionTensor<FusionR>, b: FusionTensor<FusionR>) -> FusionTens
     fusion_product(a, b, dtype, Extra::None).0
 }
 
+/// `t` in `dtype` (itself when it is already).
+fn cast(t: FusionTensor<FusionR>, dtype: DType) -> FusionTensor<FusionR> {
+    if t.dtype == dtype {
+        t
+    } else {
+        Gpu::float_cast(t, dtype.into())
+    }
+}
+
 /// [`cube_product`] on the fusion backend: a custom operation in the operands' streams.
 fn fusion_product(
     a: FusionTensor<FusionR>,

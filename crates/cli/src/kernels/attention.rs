@@ -22,20 +22,16 @@ use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_cubecl::cubecl::CubeDim;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
-use burn_cubecl::cubecl::{CubeCount, CubeDim};
 use burn_cubecl::tensor::CubeTensor;
+use burn_fusion::FusionTensor;
 use burn_fusion::stream::{Operation, OperationStreams};
-use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use palm_model::attention::ProbsOperands;
 
-use super::LANES;
-
-type Cube = burn_cubecl::CubeBackend<CudaRuntime, f32, i32, u8>;
-type Gpu = Fusion<Cube>;
-type FusionR = <Cube as FusionBackend>::FusionRuntime;
-type Handle = <FusionR as FusionRuntime>::FusionHandle;
+use super::{FusionR, Handle, LANES, contiguous, empty, row_cubes};
+use crate::device::{Gpu, GpuUnfused as Cube};
 
 /// Rows (planes) per cube.
 const ROWS_PER_CUBE: u32 = 8;
@@ -205,37 +201,10 @@ fn next_seed() -> u32 {
     (z ^ (z >> 31)) as u32
 }
 
-fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
-    if t.is_contiguous() {
-        t
-    } else {
-        burn_cubecl::kernel::into_contiguous(t)
-    }
-}
-
 /// The mask's strides over `[b, h, tq, tk]`, 0 where it broadcasts.
 fn mask_strides(mask: &CubeTensor<CudaRuntime>) -> [usize; 4] {
     let (dims, strides) = (mask.meta.shape(), mask.meta.strides());
     std::array::from_fn(|i| if dims[i] == 1 { 0 } else { strides[i] })
-}
-
-fn empty(like: &CubeTensor<CudaRuntime>, rows: usize, tk: usize) -> CubeTensor<CudaRuntime> {
-    burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::new([rows, tk]),
-        DType::F32,
-    )
-}
-
-fn cubes(rows: usize) -> CubeCount {
-    let n = rows.div_ceil(ROWS_PER_CUBE as usize);
-    // At most 65,535 cubes a side; the kernels take the linear cube position.
-    if n <= 65_535 {
-        CubeCount::Static(n as u32, 1, 1)
-    } else {
-        CubeCount::Static(65_535, n.div_ceil(65_535) as u32, 1)
-    }
 }
 
 /// Forward on CubeCL tensors: `(probabilities, output)`, `[rows, tk]` each.
@@ -246,11 +215,12 @@ fn forward_kernel(
 ) -> (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>) {
     let (scores, mask) = (contiguous(scores), contiguous(mask));
     let [s0, s1, s2, s3] = mask_strides(&mask);
-    let (probs, out) = (empty(&scores, p.rows, p.tk), empty(&scores, p.rows, p.tk));
+    let shape = Shape::new([p.rows, p.tk]);
+    let (probs, out) = (empty(&scores, shape.clone()), empty(&scores, shape));
     let client = scores.client.clone();
     device_code::forward::launch::<CudaRuntime>(
         &client,
-        cubes(p.rows),
+        row_cubes(p.rows.div_ceil(ROWS_PER_CUBE as usize)),
         CubeDim::new_2d(LANES, ROWS_PER_CUBE),
         scores.into_tensor_arg(),
         mask.into_tensor_arg(),
@@ -279,11 +249,11 @@ fn backward_kernel(
 ) -> CubeTensor<CudaRuntime> {
     let (g, mask) = (contiguous(g), contiguous(mask));
     let [s0, s1, s2, s3] = mask_strides(&mask);
-    let ds = empty(&g, p.rows, p.tk);
+    let ds = empty(&g, Shape::new([p.rows, p.tk]));
     let client = g.client.clone();
     device_code::backward::launch::<CudaRuntime>(
         &client,
-        cubes(p.rows),
+        row_cubes(p.rows.div_ceil(ROWS_PER_CUBE as usize)),
         CubeDim::new_2d(LANES, ROWS_PER_CUBE),
         g.into_tensor_arg(),
         probs.into_tensor_arg(),

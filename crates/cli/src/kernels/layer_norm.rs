@@ -25,16 +25,12 @@ use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_cubecl::cubecl::CubeDim;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::tensor::CubeTensor;
+use burn_fusion::FusionTensor;
 use burn_fusion::stream::{Operation, OperationStreams};
-use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-use super::{LANES, row_cubes};
-
-type Cube = burn_cubecl::CubeBackend<CudaRuntime, f32, i32, u8>;
-type Gpu = Fusion<Cube>;
-type FusionR = <Cube as FusionBackend>::FusionRuntime;
-type Handle = <FusionR as FusionRuntime>::FusionHandle;
+use super::{FusionR, Handle, LANES, contiguous, empty, row_cubes};
+use crate::device::{Gpu, GpuUnfused as Cube};
 
 /// Rows per cube of the backward kernel: each cube sums γ's and β's gradients over its rows
 /// into one row of partial sums, `[rows / 8, 2d]` in all, which one column sum finishes.
@@ -157,24 +153,6 @@ mod device_code {
                 partial[pbase + d + i] = sum_g_col[j];
             }
         }
-    }
-}
-
-/// An uninitialised f32 tensor of `shape` on `like`'s device.
-fn empty(like: &CubeTensor<CudaRuntime>, shape: Shape) -> CubeTensor<CudaRuntime> {
-    burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        shape,
-        DType::F32,
-    )
-}
-
-fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
-    if t.is_contiguous() {
-        t
-    } else {
-        burn_cubecl::kernel::into_contiguous(t)
     }
 }
 

@@ -22,7 +22,9 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_fusion::FusionTensor;
 use palm_model::dense::{AffineOperands, product_dtype};
 
-use super::{Cube, Extra, FusionR, Gpu, cube_product, fusion_product, min_macs, unwrap, wrap};
+use super::{
+    Cube, Extra, FusionR, Gpu, cast, cube_product, fusion_product, min_macs, unwrap, wrap,
+};
 use crate::cublaslt::routed;
 
 /// The operands' type for a product of `own`-typed tensors: the product type if one is set.
@@ -33,28 +35,14 @@ fn operand_dtype(own: DType) -> DType {
 /// Whether the affine map takes `x [m, k] · w [k, n] + bias` into `out`: a bias of `w`'s type
 /// (f32 or bf16), `x` and `out` in that type or the product type, and a product cuBLASLt
 /// takes.
-fn takes(
-    x: [usize; 2],
-    w: [usize; 2],
-    [x_dtype, own, bias_dtype]: [DType; 3],
-    out: DType,
-    bias: bool,
-) -> bool {
-    let ([m, k], [_, n]) = (x, w);
+fn takes<B: Backend>((x, w, bias): &AffineOperands<B>, out: DType) -> bool {
+    let ([m, k], [_, n]) = (x.dims(), w.dims());
+    let own = w.dtype();
     let operands = operand_dtype(own);
-    bias && matches!(own, DType::F32 | DType::BF16)
-        && bias_dtype == own
-        && [x_dtype, out].iter().all(|&d| d == own || d == operands)
+    bias.as_ref().is_some_and(|b| b.dtype() == own)
+        && matches!(own, DType::F32 | DType::BF16)
+        && [x.dtype(), out].iter().all(|&d| d == own || d == operands)
         && routed(operands, m, k, n, min_macs())
-}
-
-/// The float types of `(x, w, bias)`.
-fn dtypes<B: Backend>((x, w, bias): &AffineOperands<B>) -> [DType; 3] {
-    [
-        x.dtype(),
-        w.dtype(),
-        bias.as_ref().map_or(w.dtype(), |b| b.dtype()),
-    ]
 }
 
 /// The affine map of the autodiff backend (training).
@@ -63,8 +51,7 @@ pub(super) fn autodiff(
     out: FloatDType,
 ) -> Result<Tensor<Autodiff<Gpu>, 2>, Box<AffineOperands<Autodiff<Gpu>>>> {
     let out: DType = out.into();
-    let (x, w, bias) = &operands;
-    if !takes(x.dims(), w.dims(), dtypes(&operands), out, bias.is_some()) {
+    if !takes(&operands, out) {
         return Err(Box::new(operands));
     }
     let (x, w, bias) = operands;
@@ -124,8 +111,7 @@ pub(super) fn fusion(
     out: FloatDType,
 ) -> Result<Tensor<Gpu, 2>, Box<AffineOperands<Gpu>>> {
     let out: DType = out.into();
-    let (x, w, bias) = &operands;
-    if !takes(x.dims(), w.dims(), dtypes(&operands), out, bias.is_some()) {
+    if !takes(&operands, out) {
         return Err(Box::new(operands));
     }
     let (x, w, bias) = operands;
@@ -142,8 +128,7 @@ pub(super) fn cube(
     out: FloatDType,
 ) -> Result<Tensor<Cube, 2>, Box<AffineOperands<Cube>>> {
     let out: DType = out.into();
-    let (x, w, bias) = &operands;
-    if !takes(x.dims(), w.dims(), dtypes(&operands), out, bias.is_some()) {
+    if !takes(&operands, out) {
         return Err(Box::new(operands));
     }
     let (x, w, bias) = operands;
@@ -159,13 +144,4 @@ pub(super) fn cube(
     };
     let (x, w, bias) = (cast(x, operands), cast(w, operands), cast(bias, out));
     Ok(wrap(cube_product(x, w, out, Extra::Bias(bias)).0))
-}
-
-/// `t` in `dtype` (itself when it is already).
-fn cast(t: FusionTensor<FusionR>, dtype: DType) -> FusionTensor<FusionR> {
-    if t.dtype == dtype {
-        t
-    } else {
-        Gpu::float_cast(t, dtype.into())
-    }
 }

@@ -20,7 +20,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use palm_model::dense::{BatchedOperands, product_dtype};
 
-use super::{Cube, Epilogue, FusionR, Gpu, Handle, Problem, enqueue, min_macs};
+use super::{Cube, Epilogue, FusionR, Gpu, Handle, Problem, cast, enqueue, min_macs};
 use crate::cublaslt::{Operand, operand, routed};
 
 /// Batched products smaller than this many multiply-accumulates in all keep burn's kernels
@@ -130,15 +130,6 @@ fn fusion_batched(
         .into_iter()
         .next()
         .expect("the product")
-}
-
-/// `t` in `dtype` (itself when it is already).
-fn cast(t: FusionTensor<FusionR>, dtype: DType) -> FusionTensor<FusionR> {
-    if t.dtype == dtype {
-        t
-    } else {
-        Gpu::float_cast(t, dtype.into())
-    }
 }
 
 /// Attention's batched product on the autodiff backend (training): operands cast to the
