@@ -113,13 +113,16 @@ pub fn install_backward<B: burn::prelude::Backend>() {
 
 /// Model switches from the environment, for measuring one way against the other:
 /// `PALM_CROSS_ATTENTION=decomposed` runs the cached decoder step's cross-attention through
-/// the decomposed attention instead of burn's fused op; `PALM_FFN=narrow` leaves the
-/// feed-forward blocks' inner activations in bf16 under `bf16-mixed` (`dense_narrow`; its
-/// first GPU run failed, and the fix is not measured yet).
+/// the decomposed attention instead of burn's fused op; under `bf16-mixed` training the
+/// feed-forward blocks' inner activations and attention's queries, keys and values stay in
+/// bf16 (`palm_model::dense::Narrow`), unless `PALM_FFN=wide` or `PALM_ATTENTION=wide` keeps
+/// them in f32.
 pub fn model_switches() {
-    let decomposed = std::env::var("PALM_CROSS_ATTENTION").is_ok_and(|v| v == "decomposed");
-    palm_model::attention::set_fused_cross_attention(!decomposed);
-    palm_model::dense::set_narrow_inner(std::env::var("PALM_FFN").is_ok_and(|v| v == "narrow"));
+    use palm_model::dense::{Narrow, set_narrow};
+    let var = |name: &str, value: &str| std::env::var(name).is_ok_and(|v| v == value);
+    palm_model::attention::set_fused_cross_attention(!var("PALM_CROSS_ATTENTION", "decomposed"));
+    set_narrow(Narrow::Inner, !var("PALM_FFN", "wide"));
+    set_narrow(Narrow::Heads, !var("PALM_ATTENTION", "wide"));
 }
 
 /// Where compiled CUDA kernels and autotune results are kept: `PALM_KERNEL_CACHE`, else

@@ -132,11 +132,16 @@ fn empty_like(like: &Cube) -> Cube {
 
 /// An uninitialised f32 tensor of `shape` on `like`'s device.
 fn empty(like: &Cube, shape: burn::tensor::Shape) -> Cube {
+    empty_typed(like, shape, DType::F32)
+}
+
+/// An uninitialised tensor of `shape` and `dtype` on `like`'s device.
+fn empty_typed(like: &Cube, shape: burn::tensor::Shape, dtype: DType) -> Cube {
     burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
         shape,
-        DType::F32,
+        dtype,
     )
 }
 

@@ -4,9 +4,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::prelude::*;
 
+use burn::tensor::FloatDType;
 use burn::tensor::ops::AttentionModuleOptions;
 
-use crate::dense::{batched_product, for_product};
+use crate::dense::{batched_product, batched_product_in, cast_to, for_product};
 use crate::registry::PerBackend;
 
 /// The fill value of masked scores. PALM's decoder uses -1e18 (not -inf), which makes a fully
@@ -15,8 +16,10 @@ use crate::registry::PerBackend;
 pub const MASK_FILL: f32 = -1e18;
 
 /// The operands of attention's probabilities: scores `[b, h, tq, tk]`, the mask (`true` where
-/// the key is hidden, broadcastable to the scores) and the dropout probability.
-pub type ProbsOperands<B> = (Tensor<B, 4>, Option<Tensor<B, 4, Bool>>, f64);
+/// the key is hidden, broadcastable to the scores), the dropout probability and the float type
+/// of the probabilities (the scores' own, or the product type when the queries, keys and
+/// values are in it, [`Narrow::Heads`](crate::dense::Narrow::Heads)).
+pub type ProbsOperands<B> = (Tensor<B, 4>, Option<Tensor<B, 4, Bool>>, f64, FloatDType);
 
 /// The masked softmax of the scores with dropout in one operation for one backend (device
 /// kernels with their own backward pass); it hands the operands back (`Err`) for scores it
@@ -31,11 +34,13 @@ pub fn set_attention_probs<B: Backend>(probs: Option<Probs<B>>) {
     PROBS.set::<B, _>(probs);
 }
 
-/// `softmax(q·kᵀ + mask) · v` with `q` already scaled.
+/// `softmax(q·kᵀ + mask) · v` with `q` already scaled, in `q`'s float type.
 ///
 /// Shapes: `q [b, h, tq, dh]`, `k`/`v` `[b, h, tk, dh]`, `mask` broadcastable to
 /// `[b, h, tq, tk]` with `true` where the key is hidden. Dropout on the probabilities only when
-/// `dropout > 0` and the backend tracks gradients.
+/// `dropout > 0` and the backend tracks gradients. Queries in a half-precision type (bf16 or
+/// f16, [`Narrow::Heads`](crate::dense::Narrow::Heads)) give f32 scores, normalised in f32,
+/// and probabilities in the queries' type for the weighted sum, as autocast computes them.
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -43,12 +48,17 @@ pub fn attention<B: Backend>(
     mask: Option<Tensor<B, 4, Bool>>,
     dropout: &burn::nn::Dropout,
 ) -> Tensor<B, 4> {
-    let scores = batched_product(q, k.swap_dims(2, 3));
+    let narrow: FloatDType = q.dtype().into();
+    let wide = match narrow {
+        FloatDType::BF16 | FloatDType::F16 => FloatDType::F32,
+        other => other,
+    };
+    let scores = batched_product_in(q, k.swap_dims(2, 3), wide);
     let (mut scores, mask) = match PROBS.get::<B, Probs<B>>() {
-        Some(f) => match f((scores, mask, dropout.prob)) {
+        Some(f) => match f((scores, mask, dropout.prob, narrow)) {
             Ok(probs) => return batched_product(probs, v),
             Err(operands) => {
-                let (scores, mask, _) = *operands;
+                let (scores, mask, _, _) = *operands;
                 (scores, mask)
             }
         },
@@ -59,7 +69,7 @@ pub fn attention<B: Backend>(
         scores = scores.mask_fill(mask.expand(shape), MASK_FILL);
     }
     let probs = crate::grad::dropout(dropout, crate::grad::softmax(scores));
-    batched_product(probs, v)
+    batched_product(cast_to(probs, narrow), v)
 }
 
 /// `softmax(q·kᵀ / √dh, masked keys hidden) · v` through burn's fused attention op, which a
@@ -128,11 +138,11 @@ mod tests {
         // Takes the scores of 5 keys (the masked softmax as burn computes it) and hands back
         // the rest.
         fn five_keys(
-            (scores, mask, prob): ProbsOperands<G>,
+            (scores, mask, prob, dtype): ProbsOperands<G>,
         ) -> Result<Tensor<G, 4>, Box<ProbsOperands<G>>> {
             let shape = scores.dims();
             if shape[3] != 5 {
-                return Err(Box::new((scores, mask, prob)));
+                return Err(Box::new((scores, mask, prob, dtype)));
             }
             CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mask = mask.expect("a mask").expand(shape);

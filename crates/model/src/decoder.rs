@@ -9,6 +9,7 @@ use burn::prelude::*;
 use crate::attention::{
     attention, fused_attention, fused_cross_attention, merge_heads, split_heads,
 };
+use crate::dense::Narrow::{Heads, Inner};
 use crate::dense::{dense, dense_narrow};
 use crate::grad;
 use crate::init::{embedding, layer_norm, linear};
@@ -117,14 +118,18 @@ impl<B: Backend> MultiHeadedAttention<B> {
     /// Query projection, split into heads and divided by sqrt(dh) as the reference does.
     fn query(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
         let dh = x.dims()[2] / self.heads;
-        split_heads(dense(&self.linear_query, x), self.heads).div_scalar((dh as f64).sqrt())
+        split_heads(dense_narrow(&self.linear_query, x, Heads), self.heads)
+            .div_scalar((dh as f64).sqrt())
     }
 
     /// Keys and values of `x`, split into heads: `[b, h, t, dh]` each.
     pub fn keys_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         (
-            split_heads(dense(&self.linear_keys, x.clone()), self.heads),
-            split_heads(dense(&self.linear_values, x), self.heads),
+            split_heads(
+                dense_narrow(&self.linear_keys, x.clone(), Heads),
+                self.heads,
+            ),
+            split_heads(dense_narrow(&self.linear_values, x, Heads), self.heads),
         )
     }
 
@@ -164,7 +169,7 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         let f = &self.feed_forward;
         let inner = grad::dropout(
             &f.dropout_1,
-            grad::gelu_tanh(dense_narrow(&f.w_1, norm(&f.layer_norm, x.clone()))),
+            grad::gelu_tanh(dense_narrow(&f.w_1, norm(&f.layer_norm, x.clone()), Inner)),
         );
         grad::dropout(&f.dropout_2, dense(&f.w_2, inner)) + x
     }

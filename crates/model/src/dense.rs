@@ -9,7 +9,7 @@
 //! the leading axes into rows gives one GEMM forward and one per gradient, with the same
 //! arithmetic per output element.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -55,15 +55,28 @@ pub fn product_dtype() -> Option<FloatDType> {
 /// type is a no-op when nothing was cast.
 pub(crate) fn for_product<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     match product_dtype() {
-        Some(dtype) => x.cast(dtype),
+        Some(dtype) => cast_to(x, dtype),
         None => x,
+    }
+}
+
+/// `x` in `dtype`, without a cast (a graph node and, on some backends, a copy) where it is in
+/// it already.
+pub(crate) fn cast_to<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    dtype: FloatDType,
+) -> Tensor<B, D> {
+    if x.dtype() == dtype.into() {
+        x
+    } else {
+        x.cast(dtype)
     }
 }
 
 /// `a · b` (batched over leading axes) in the [`product_dtype`], returned in `a`'s type.
 pub fn product<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
     let own: FloatDType = a.dtype().into();
-    for_product(a).matmul(for_product(b)).cast(own)
+    cast_to(for_product(a).matmul(for_product(b)), own)
 }
 
 /// The operands of a [`Batched`] product: `[b, h, m, k]` and `[b, h, k, n]` (either may be a
@@ -87,17 +100,25 @@ pub fn set_batched<B: Backend>(batched: Option<Batched<B>>) {
 /// [`product_dtype`] and returned in `a`'s type: through the backend's [`Batched`] product if
 /// it takes them, else [`product`].
 pub fn batched_product<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    let own = a.dtype().into();
+    batched_product_in(a, b, own)
+}
+
+/// [`batched_product`] with its result in `out` (attention's scores stay in f32 when its
+/// queries and keys are in the product type, see [`Narrow::Heads`]).
+pub fn batched_product_in<B: Backend>(
+    a: Tensor<B, 4>,
+    b: Tensor<B, 4>,
+    out: FloatDType,
+) -> Tensor<B, 4> {
     let (a, b) = match BATCHED.get::<B, Batched<B>>() {
-        Some(f) => {
-            let own = a.dtype().into();
-            match f((a, b), own) {
-                Ok(y) => return y,
-                Err(operands) => *operands,
-            }
-        }
+        Some(f) => match f((a, b), out) {
+            Ok(y) => return y,
+            Err(operands) => *operands,
+        },
         None => (a, b),
     };
-    product(a, b)
+    cast_to(product(a, b), out)
 }
 
 /// A `[m, k] · [k, n]` product for one backend, in its operands' float type: what a binary
@@ -199,30 +220,59 @@ pub fn dense<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> 
     dense_in(layer, x, own)
 }
 
-/// [`dense`] with its result left in the [`product_dtype`] when one is set: a feed-forward
-/// block's inner activation, which autocast also leaves in bf16, so the GELU runs in it and
-/// the second layer reads it without a cast (at batch 256 the encoder's is 100 M elements).
-/// Off (the default; [`set_narrow_inner`]), it is [`dense`].
+/// Where a linear layer's result may stay in the [`product_dtype`] instead of the weights'
+/// type, as autocast leaves it (see [`dense_narrow`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Narrow {
+    /// A feed-forward block's inner activation: the GELU runs in it and the second layer reads
+    /// it without a cast (at batch 256 the encoder's is 100 M elements).
+    Inner,
+    /// Attention's queries, keys and values: its batched products read them without casts,
+    /// the heads' layout copies move half the bytes, and the probabilities are written in the
+    /// product type for the weighted sum (the scores stay in f32).
+    Heads,
+}
+
+impl Narrow {
+    fn bit(self) -> u8 {
+        match self {
+            Narrow::Inner => 1,
+            Narrow::Heads => 2,
+        }
+    }
+}
+
+/// The [`Narrow`] sites turned on, one bit each (none by default).
+static NARROW: AtomicU8 = AtomicU8::new(0);
+
+/// Turns a [`Narrow`] site on or off (process-wide, like [`set_product_dtype`]).
+pub fn set_narrow(site: Narrow, on: bool) {
+    if on {
+        NARROW.fetch_or(site.bit(), Ordering::Relaxed);
+    } else {
+        NARROW.fetch_and(!site.bit(), Ordering::Relaxed);
+    }
+}
+
+/// Whether [`set_narrow`] turned `site` on.
+pub fn narrow(site: Narrow) -> bool {
+    NARROW.load(Ordering::Relaxed) & site.bit() != 0
+}
+
+/// [`dense`] with its result left in the [`product_dtype`] when one is set, `site` is turned
+/// on ([`set_narrow`]) and the backend records gradients (training: inference keeps the
+/// weights' type, which its row kernels are written for).
 pub fn dense_narrow<B: Backend, const D: usize>(
     layer: &Linear<B>,
     x: Tensor<B, D>,
+    site: Narrow,
 ) -> Tensor<B, D> {
     let own = layer.weight.val().dtype().into();
     let out = match product_dtype() {
-        Some(p) if NARROW_INNER.load(Ordering::Relaxed) => p,
+        Some(p) if narrow(site) && B::ad_enabled(&x.device()) => p,
         _ => own,
     };
     dense_in(layer, x, out)
-}
-
-/// Whether [`dense_narrow`] leaves its result in the product type (off by default: its
-/// first GPU run, 2026-12-01, failed; see `docs/benchmarks.md`, item 29).
-static NARROW_INNER: AtomicBool = AtomicBool::new(false);
-
-/// Turns [`dense_narrow`]'s product-type results on or off (for measuring one against the
-/// other; process-wide, like [`set_product_dtype`]).
-pub fn set_narrow_inner(on: bool) {
-    NARROW_INNER.store(on, Ordering::Relaxed);
 }
 
 fn dense_in<B: Backend, const D: usize>(

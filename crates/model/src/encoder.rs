@@ -8,6 +8,7 @@ use burn::tensor::activation::gelu;
 
 use crate::attention::{attention, merge_heads, split_heads};
 use crate::config::BertConfig;
+use crate::dense::Narrow::{Heads, Inner};
 use crate::dense::{dense, dense_narrow};
 use crate::grad;
 use crate::init::{embedding, layer_norm, linear};
@@ -196,12 +197,13 @@ impl<B: Backend> BertLayer<B> {
         let a = &self.attention.self_attn;
         let dh = x.dims()[2] / a.heads;
         let scale = 1.0 / (dh as f64).sqrt();
-        let q = split_heads(dense(&a.query, x.clone()), a.heads).mul_scalar(scale);
-        let k = split_heads(dense(&a.key, x.clone()), a.heads);
-        let v = split_heads(dense(&a.value, x.clone()), a.heads);
+        let heads = |layer: &Linear<B>| split_heads(dense_narrow(layer, x.clone(), Heads), a.heads);
+        let q = heads(&a.query).mul_scalar(scale);
+        let k = heads(&a.key);
+        let v = heads(&a.value);
         let ctx = merge_heads(attention(q, k, v, Some(mask), &a.dropout));
         let h = self.attention.output.forward(ctx, x);
-        let inner = gelu(dense_narrow(&self.intermediate.dense, h.clone()));
+        let inner = gelu(dense_narrow(&self.intermediate.dense, h.clone(), Inner));
         self.output.forward(inner, h)
     }
 }

@@ -66,7 +66,7 @@ pub fn install(index: usize) -> Result<()> {
         palm_model::dense::set_affine::<Gpu>(Some(affine::fusion));
         palm_model::dense::set_affine::<Autodiff<Gpu>>(Some(affine::autodiff));
     }
-    if std::env::var("PALM_ATTENTION_GEMM").is_ok_and(|v| v == "cublaslt") {
+    if !std::env::var("PALM_ATTENTION_GEMM").is_ok_and(|v| v == "burn") {
         palm_model::dense::set_batched::<Autodiff<Gpu>>(Some(batched::autodiff));
     }
     Ok(())
@@ -939,6 +939,11 @@ mod tests {
 
     type B = Autodiff<Gpu>;
 
+    /// Held by the tests that set the process-wide product type (libtest runs tests on
+    /// parallel threads: one test's bf16 products in another's f32 comparison made the affine
+    /// test fail on the GPU, 2026-12-01).
+    static PRODUCT_TYPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn cupti_finds_cubecls_stream_for_each_thread() {
         // Two threads launch on two CubeCL streams; each is found, and they differ.
@@ -1012,6 +1017,7 @@ mod tests {
 
     #[test]
     fn affine_layers_match_the_composed_product_and_bias_with_gradients() {
+        let _held = PRODUCT_TYPE.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: as above (every product routed, read once).
         unsafe { std::env::set_var("PALM_GEMM_MIN_MACS", "0") };
         let device = CudaDevice::new(0);
@@ -1132,6 +1138,7 @@ mod tests {
 
     #[test]
     fn batched_cublaslt_products_match_burns_matmul_with_gradients() {
+        let _held = PRODUCT_TYPE.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: as above (every product routed, read once).
         unsafe { std::env::set_var("PALM_GEMM_MIN_MACS", "0") };
         let device = CudaDevice::new(0);

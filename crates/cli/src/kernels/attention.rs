@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Shape, TensorPrimitive};
+use burn::tensor::{DType, Shape, TensorPrimitive, bf16};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
@@ -30,7 +30,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use palm_model::attention::ProbsOperands;
 
-use super::{FusionR, Handle, LANES, contiguous, empty, row_cubes};
+use super::{FusionR, Handle, LANES, contiguous, empty, empty_typed, row_cubes};
 use crate::device::{Gpu, GpuUnfused as Cube};
 
 /// Rows (planes) per cube.
@@ -53,13 +53,14 @@ mod device_code {
         f32::cast_from(h >> 8u32) * (1.0f32 / 16_777_216.0f32) < keep
     }
 
-    /// `probs = softmax(scores, masked → −1e18)` per row, and `out = probs · kept / keep`.
+    /// `probs = softmax(scores, masked → −1e18)` per row, and `out = probs · kept / keep`,
+    /// computed in f32 from scores of type `S` and written in type `P`.
     #[cube(launch)]
-    pub fn forward(
-        scores: &Tensor<f32>,
+    pub fn forward<S: Float, P: Float>(
+        scores: &Tensor<S>,
         mask: &Tensor<u8>,
-        probs: &mut Tensor<f32>,
-        out: &mut Tensor<f32>,
+        probs: &mut Tensor<P>,
+        out: &mut Tensor<P>,
         rows: usize,
         tk: usize,
         heads: usize,
@@ -85,7 +86,7 @@ mod device_code {
             let s = if mask[mbase + i * s3] != 0u8 {
                 f32::new(-1.0e18)
             } else {
-                scores[base + i]
+                f32::cast_from(scores[base + i])
             };
             max = f32::max(max, s);
         }
@@ -95,7 +96,7 @@ mod device_code {
             let s = if mask[mbase + i * s3] != 0u8 {
                 f32::new(-1.0e18)
             } else {
-                scores[base + i]
+                f32::cast_from(scores[base + i])
             };
             sum += f32::exp(s - max);
         }
@@ -104,29 +105,30 @@ mod device_code {
             let s = if mask[mbase + i * s3] != 0u8 {
                 f32::new(-1.0e18)
             } else {
-                scores[base + i]
+                f32::cast_from(scores[base + i])
             };
             let p = f32::exp(s - max) / sum;
-            probs[base + i] = p;
+            probs[base + i] = P::cast_from(p);
             let index = base + i;
-            out[base + i] = if keep >= 1.0f32 {
+            out[base + i] = P::cast_from(if keep >= 1.0f32 {
                 p
             } else if kept(index as u32, seed, keep) {
                 p / keep
             } else {
                 f32::new(0.0)
-            };
+            });
         }
     }
 
     /// The scores' gradient from the output's `g`: `dp = g · kept / keep`, then
-    /// `ds = p (dp − Σ dp p)` per row, 0 where masked (the mask fill's gradient).
+    /// `ds = p (dp − Σ dp p)` per row, 0 where masked (the mask fill's gradient); `g` and the
+    /// probabilities of type `P`, computed in f32, `ds` written in the scores' type `S`.
     #[cube(launch)]
-    pub fn backward(
-        g: &Tensor<f32>,
-        probs: &Tensor<f32>,
+    pub fn backward<S: Float, P: Float>(
+        g: &Tensor<P>,
+        probs: &Tensor<P>,
         mask: &Tensor<u8>,
-        ds: &mut Tensor<f32>,
+        ds: &mut Tensor<S>,
         rows: usize,
         tk: usize,
         heads: usize,
@@ -150,35 +152,38 @@ mod device_code {
         let mut dot = f32::new(0.0);
         for i in range_stepped(lane, tk, 32usize) {
             let index = base + i;
+            let gi = f32::cast_from(g[index]);
             let dp = if keep >= 1.0f32 {
-                g[index]
+                gi
             } else if kept(index as u32, seed, keep) {
-                g[index] / keep
+                gi / keep
             } else {
                 f32::new(0.0)
             };
-            dot += dp * probs[index];
+            dot += dp * f32::cast_from(probs[index]);
         }
         let dot = plane_sum(dot);
         for i in range_stepped(lane, tk, 32usize) {
             let index = base + i;
+            let gi = f32::cast_from(g[index]);
             let dp = if keep >= 1.0f32 {
-                g[index]
+                gi
             } else if kept(index as u32, seed, keep) {
-                g[index] / keep
+                gi / keep
             } else {
                 f32::new(0.0)
             };
-            ds[index] = if mask[mbase + i * s3] != 0u8 {
+            ds[index] = S::cast_from(if mask[mbase + i * s3] != 0u8 {
                 f32::new(0.0)
             } else {
-                probs[index] * (dp - dot)
-            };
+                f32::cast_from(probs[index]) * (dp - dot)
+            });
         }
     }
 }
 
-/// What both kernels are told: the scores' layout, the mask's strides and the dropout.
+/// What both kernels are told: the scores' layout, the mask's strides, the dropout and the
+/// probabilities' float type (the scores are f32).
 #[derive(Clone, Copy, Debug)]
 struct Params {
     rows: usize,
@@ -187,6 +192,7 @@ struct Params {
     tq: usize,
     seed: u32,
     keep: f32,
+    probs: DType,
 }
 
 /// A new seed per call: a counter through SplitMix64's finaliser (the same sequence in every
@@ -207,7 +213,17 @@ fn mask_strides(mask: &CubeTensor<CudaRuntime>) -> [usize; 4] {
     std::array::from_fn(|i| if dims[i] == 1 { 0 } else { strides[i] })
 }
 
-/// Forward on CubeCL tensors: `(probabilities, output)`, `[rows, tk]` each.
+/// Launches `$kernel::<f32, P>` with `P` the probabilities' type (`$p`, f32 or bf16).
+macro_rules! launch_typed {
+    ($kernel:ident, $p:expr, $($arg:expr),+ $(,)?) => {
+        match $p {
+            DType::BF16 => device_code::$kernel::launch::<f32, bf16, CudaRuntime>($($arg),+),
+            _ => device_code::$kernel::launch::<f32, f32, CudaRuntime>($($arg),+),
+        }
+    };
+}
+
+/// Forward on CubeCL tensors: `(probabilities, output)`, `[rows, tk]` each, in `p.probs`.
 fn forward_kernel(
     scores: CubeTensor<CudaRuntime>,
     mask: CubeTensor<CudaRuntime>,
@@ -216,9 +232,12 @@ fn forward_kernel(
     let (scores, mask) = (contiguous(scores), contiguous(mask));
     let [s0, s1, s2, s3] = mask_strides(&mask);
     let shape = Shape::new([p.rows, p.tk]);
-    let (probs, out) = (empty(&scores, shape.clone()), empty(&scores, shape));
+    let probs = empty_typed(&scores, shape.clone(), p.probs);
+    let out = empty_typed(&scores, shape, p.probs);
     let client = scores.client.clone();
-    device_code::forward::launch::<CudaRuntime>(
+    launch_typed!(
+        forward,
+        p.probs,
         &client,
         row_cubes(p.rows.div_ceil(ROWS_PER_CUBE as usize)),
         CubeDim::new_2d(LANES, ROWS_PER_CUBE),
@@ -240,7 +259,7 @@ fn forward_kernel(
     (probs, out)
 }
 
-/// Backward on CubeCL tensors: the scores' gradient `[rows, tk]`.
+/// Backward on CubeCL tensors: the scores' gradient `[rows, tk]` in f32.
 fn backward_kernel(
     g: CubeTensor<CudaRuntime>,
     probs: CubeTensor<CudaRuntime>,
@@ -251,7 +270,9 @@ fn backward_kernel(
     let [s0, s1, s2, s3] = mask_strides(&mask);
     let ds = empty(&g, Shape::new([p.rows, p.tk]));
     let client = g.client.clone();
-    device_code::backward::launch::<CudaRuntime>(
+    launch_typed!(
+        backward,
+        p.probs,
         &client,
         row_cubes(p.rows.div_ceil(ROWS_PER_CUBE as usize)),
         CubeDim::new_2d(LANES, ROWS_PER_CUBE),
@@ -305,7 +326,7 @@ fn fusion_forward(
         TensorIr::uninit(
             client.create_empty_handle(),
             Shape::new([p.rows, p.tk]),
-            DType::F32,
+            p.probs,
         )
     };
     let outputs = [uninit(), uninit()];
@@ -378,17 +399,21 @@ fn fusion_backward(
 }
 
 /// Attention's probabilities on the CUDA training backend
-/// ([`palm_model::attention::set_attention_probs`]): f32 scores `[b, h, tq, tk]` and a mask;
-/// anything else is handed back.
+/// ([`palm_model::attention::set_attention_probs`]): f32 scores `[b, h, tq, tk]` and a mask,
+/// probabilities in f32 or bf16; anything else is handed back.
 pub(crate) fn autodiff(
-    (scores, mask, prob): ProbsOperands<Autodiff<Gpu>>,
+    (scores, mask, prob, dtype): ProbsOperands<Autodiff<Gpu>>,
 ) -> Result<Tensor<Autodiff<Gpu>, 4>, Box<ProbsOperands<Autodiff<Gpu>>>> {
     let Some(mask) = mask else {
-        return Err(Box::new((scores, None, prob)));
+        return Err(Box::new((scores, None, prob, dtype)));
     };
     let [b, heads, tq, tk] = scores.dims();
-    if scores.dtype() != DType::F32 || b * heads * tq * tk == 0 {
-        return Err(Box::new((scores, Some(mask), prob)));
+    let probs: DType = dtype.into();
+    if scores.dtype() != DType::F32
+        || !matches!(probs, DType::F32 | DType::BF16)
+        || b * heads * tq * tk == 0
+    {
+        return Err(Box::new((scores, Some(mask), prob, dtype)));
     }
 
     #[derive(Debug)]
@@ -403,6 +428,11 @@ pub(crate) fn autodiff(
             let [parent] = ops.parents;
             if let Some(node) = parent {
                 let (probs, mask, p) = ops.state;
+                let g = if g.dtype == p.probs {
+                    g
+                } else {
+                    <Gpu as burn::tensor::ops::FloatTensorOps<Gpu>>::float_cast(g, p.probs.into())
+                };
                 let ds = fusion_backward(g, probs, mask, p);
                 let shape = Shape::new([p.rows / (p.heads * p.tq), p.heads, p.tq, p.tk]);
                 grads.register::<Gpu>(
@@ -426,6 +456,7 @@ pub(crate) fn autodiff(
         tq,
         seed: next_seed(),
         keep,
+        probs,
     };
     let sp = scores.into_primitive().tensor();
     let mask: FusionTensor<FusionR> = mask.into_primitive();
@@ -449,7 +480,7 @@ pub(crate) fn autodiff(
 mod tests {
     //! Needs a CUDA device: `cargo test -p palm --features cuda kernels` on the GPU machine.
     use super::*;
-    use burn::tensor::{Distribution, Tolerance};
+    use burn::tensor::{Distribution, FloatDType, Tolerance};
     use burn_cubecl::cubecl::cuda::CudaDevice;
     use palm_model::attention::MASK_FILL;
 
@@ -480,7 +511,7 @@ mod tests {
                 let weights = Tensor::<B, 4>::random([b, h, tq, tk], normal, &device);
                 let run = |kernel: bool| {
                     let y = if kernel {
-                        autodiff((scores.clone(), Some(mask.clone()), 0.0))
+                        autodiff((scores.clone(), Some(mask.clone()), 0.0, FloatDType::F32))
                             .unwrap_or_else(|_| panic!("taken"))
                     } else {
                         let filled = scores
@@ -501,6 +532,39 @@ mod tests {
     }
 
     #[test]
+    fn bf16_probabilities_round_the_f32_ones_and_carry_their_gradients() {
+        // `Narrow::Heads`: f32 scores, probabilities written in bf16 for the weighted sum, their
+        // gradient arriving in bf16, the scores' gradient in f32.
+        let device = CudaDevice::new(0);
+        let normal = Distribution::Normal(0.0, 2.0);
+        let (b, h, tq, tk) = (2, 12, 64, 128);
+        for mask in masks(b, tq, tk, &device) {
+            let scores = Tensor::<B, 4>::random([b, h, tq, tk], normal, &device).require_grad();
+            let weights = Tensor::<B, 4>::random([b, h, tq, tk], normal, &device)
+                .cast(FloatDType::BF16)
+                .cast(FloatDType::F32);
+            let run = |dtype: FloatDType| {
+                let y = autodiff((scores.clone(), Some(mask.clone()), 0.0, dtype))
+                    .unwrap_or_else(|_| panic!("taken"));
+                assert_eq!(
+                    y.dtype(),
+                    dtype.into(),
+                    "probabilities in the type asked for"
+                );
+                let grads = (y.clone() * weights.clone().cast(dtype)).sum().backward();
+                let ds = scores.grad(&grads).unwrap();
+                assert_eq!(ds.dtype(), DType::F32, "the scores' gradient in their type");
+                [y.cast(FloatDType::F32).into_data(), ds.into_data()]
+            };
+            let (narrow, wide) = (run(FloatDType::BF16), run(FloatDType::F32));
+            // bf16 keeps 8 bits: probabilities within 2^-8 relative, their gradient a sum of
+            // such products.
+            narrow[0].assert_approx_eq::<f32>(&wide[0], Tolerance::rel_abs(8e-3, 1e-4));
+            narrow[1].assert_approx_eq::<f32>(&wide[1], Tolerance::rel_abs(3e-2, 2e-3));
+        }
+    }
+
+    #[test]
     fn dropout_drops_its_share_and_the_backward_pass_draws_the_same_mask() {
         let device = CudaDevice::new(0);
         let normal = Distribution::Normal(0.0, 1.0);
@@ -509,13 +573,18 @@ mod tests {
         let scores = Tensor::<B, 4>::random([b, h, tq, tk], normal, &device).require_grad();
         let weights = Tensor::<B, 4>::random([b, h, tq, tk], normal, &device);
         let p = 0.3;
-        let out =
-            autodiff((scores.clone(), Some(mask.clone()), p)).unwrap_or_else(|_| panic!("taken"));
+        let out = autodiff((scores.clone(), Some(mask.clone()), p, FloatDType::F32))
+            .unwrap_or_else(|_| panic!("taken"));
         let grads = (out.clone() * weights.clone()).sum().backward();
         let ds = scores.grad(&grads).unwrap();
-        let probs = autodiff((scores.clone().detach(), Some(mask.clone()), 0.0))
-            .unwrap_or_else(|_| panic!("taken"))
-            .inner();
+        let probs = autodiff((
+            scores.clone().detach(),
+            Some(mask.clone()),
+            0.0,
+            FloatDType::F32,
+        ))
+        .unwrap_or_else(|_| panic!("taken"))
+        .inner();
         let out = out.inner();
         let visible = mask.inner().expand([b, h, tq, tk]).bool_not();
         let kept = out.clone().not_equal_elem(0.0).bool_and(visible.clone());
