@@ -1,6 +1,6 @@
-//! The training layer norm as two CubeCL kernels (`--features cuda`): forward one launch that
-//! also keeps each row's mean and `1/σ`, backward one launch for the input's gradient and the
-//! per-block sums of γ's and β's, then one column sum.
+//! The training layer norm as CubeCL kernels (`--features cuda`): forward one launch that also
+//! keeps each row's mean and `1/σ`; backward one launch for the input's gradient, one for the
+//! per-chunk sums of γ's and β's gradients, then one column sum.
 //!
 //! Written out with burn's operations (`palm_model::grad`), a layer norm is about four
 //! launches forward (two row means, the normalisation, γ and β, as burn's fusion groups them)
@@ -9,6 +9,11 @@
 //! layer norms, and its training step is bound by the host's cost per launch (some 4,600
 //! launches at batch 256, `palm bench --trace`). Here: one launch forward and three backward,
 //! and the saved state is two `[rows]` vectors besides the input the residual keeps anyway.
+//! The backward pass first summed γ's and β's gradients in the gradient kernel itself (a plane
+//! over eight rows, 32 columns per lane in registers): its register pressure and one plane
+//! per cube left it at 300 µs a launch at batch 256 (encoder rows), four times the bytes'
+//! time; a plane per row for the gradient and a unit per column for the sums read the rows
+//! twice but keep the device busy.
 //!
 //! f32 and contiguous rows on a device with 32-lane planes; anything else takes the
 //! written-out operations.
@@ -22,8 +27,8 @@ use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
-use burn_cubecl::cubecl::CubeDim;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::{CubeCount, CubeDim};
 use burn_cubecl::tensor::CubeTensor;
 use burn_fusion::FusionTensor;
 use burn_fusion::stream::{Operation, OperationStreams};
@@ -32,11 +37,17 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use super::{FusionR, Handle, LANES, contiguous, empty, row_cubes};
 use crate::device::{Gpu, GpuUnfused as Cube};
 
-/// Rows per cube of the backward kernel: each cube sums γ's and β's gradients over its rows
-/// into one row of partial sums, `[rows / 8, 2d]` in all, which one column sum finishes.
-const BACKWARD_ROWS: usize = 8;
+/// Rows per chunk of γ's and β's partial sums: `[rows / 64, 2d]` of them, which one column
+/// sum finishes.
+const CHUNK_ROWS: usize = 64;
 
-/// The widest rows the backward kernel takes: 32 columns per lane.
+/// Rows (planes) per cube of the input gradient's kernel.
+const ROWS_PER_CUBE: u32 = 8;
+
+/// Units per cube of the partial sums' kernel, one column each.
+const COLUMNS_PER_CUBE: u32 = 256;
+
+/// The widest rows the kernels take.
 const MAX_WIDTH: usize = 1024;
 
 mod device_code {
@@ -83,12 +94,8 @@ mod device_code {
         }
     }
 
-    /// One plane per cube over `per_cube` rows: `dx = (ĝ − mean(ĝ) − x̂ · mean(ĝ x̂)) / σ` with
-    /// `ĝ = g γ` per row, and the cube's sums of `g x̂` (γ's gradient) and `g` (β's) per column
-    /// in its row of `partial [cubes, 2d]`. Lane `l` takes columns `l + 32 j`, `j < 32` (so `d`
-    /// is at most [`super::MAX_WIDTH`]), and sums them in registers over the cube's rows: a
-    /// first version summed in `partial` itself, a read and a write per element and row, and
-    /// took 218 µs a launch at batch 256 where the forward kernel takes 67.
+    /// The input's gradient, one plane of 32 lanes per row and eight rows per cube: `dx = (ĝ −
+    /// mean(ĝ) − x̂ · mean(ĝ x̂)) / σ` with `ĝ = g γ` and `x̂ = (x − μ) / σ`.
     #[cube(launch)]
     pub fn backward<F: Float>(
         g: &Tensor<F>,
@@ -97,62 +104,66 @@ mod device_code {
         rstd: &Tensor<F>,
         gamma: &Tensor<F>,
         dx: &mut Tensor<F>,
+        rows: usize,
+        d: usize,
+    ) {
+        let row = CUBE_POS * CUBE_DIM_Y as usize + UNIT_POS_Y as usize;
+        if row >= rows {
+            terminate!();
+        }
+        let base = row * d;
+        let lane = UNIT_POS_X as usize;
+        let m = mean[row];
+        let s = rstd[row];
+        let mut sum_g = F::new(0.0);
+        let mut sum_gx = F::new(0.0);
+        for i in range_stepped(lane, d, 32usize) {
+            let gh = g[base + i] * gamma[i];
+            sum_g += gh;
+            sum_gx += gh * (x[base + i] - m) * s;
+        }
+        let mean_g = plane_sum(sum_g) / F::cast_from(d);
+        let mean_gx = plane_sum(sum_gx) / F::cast_from(d);
+        for i in range_stepped(lane, d, 32usize) {
+            let xh = (x[base + i] - m) * s;
+            dx[base + i] = (g[base + i] * gamma[i] - mean_g - xh * mean_gx) * s;
+        }
+    }
+
+    /// γ's and β's gradients summed over one chunk of `per_chunk` rows per cube row: unit `c`
+    /// of cube `(cx, chunk)` takes column `cx · 256 + c` and writes `Σ g x̂` and `Σ g` into
+    /// `partial[chunk, c]` and `partial[chunk, d + c]`. Consecutive units read consecutive
+    /// columns, so each row is read whole by a cube row.
+    #[cube(launch)]
+    pub fn column_partials<F: Float>(
+        g: &Tensor<F>,
+        x: &Tensor<F>,
+        mean: &Tensor<F>,
+        rstd: &Tensor<F>,
         partial: &mut Tensor<F>,
         rows: usize,
         d: usize,
-        per_cube: usize,
+        per_chunk: usize,
     ) {
-        let first = CUBE_POS * per_cube;
-        if first >= rows {
+        let c = CUBE_POS_X as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+        let chunk = CUBE_POS_Y as usize;
+        if c >= d {
             terminate!();
         }
-        let mut end = first + per_cube;
+        let first = chunk * per_chunk;
+        let mut end = first + per_chunk;
         if end > rows {
             end = rows;
         }
-        let lane = UNIT_POS as usize;
-        let mut sum_gx_col = Array::<F>::new(32usize);
-        let mut sum_g_col = Array::<F>::new(32usize);
-        #[unroll]
-        for j in 0..32usize {
-            sum_gx_col[j] = F::new(0.0);
-            sum_g_col[j] = F::new(0.0);
-        }
+        let mut sum_gx = F::new(0.0);
+        let mut sum_g = F::new(0.0);
         for row in first..end {
-            let base = row * d;
-            let m = mean[row];
-            let s = rstd[row];
-            let mut sum_g = F::new(0.0);
-            let mut sum_gx = F::new(0.0);
-            for i in range_stepped(lane, d, 32usize) {
-                let xh = (x[base + i] - m) * s;
-                let gh = g[base + i] * gamma[i];
-                sum_g += gh;
-                sum_gx += gh * xh;
-            }
-            let mean_g = plane_sum(sum_g) / F::cast_from(d);
-            let mean_gx = plane_sum(sum_gx) / F::cast_from(d);
-            #[unroll]
-            for j in 0..32usize {
-                let i = lane + j * 32;
-                if i < d {
-                    let xh = (x[base + i] - m) * s;
-                    let gi = g[base + i];
-                    dx[base + i] = (gi * gamma[i] - mean_g - xh * mean_gx) * s;
-                    sum_gx_col[j] += gi * xh;
-                    sum_g_col[j] += gi;
-                }
-            }
+            let gi = g[row * d + c];
+            sum_gx += gi * (x[row * d + c] - mean[row]) * rstd[row];
+            sum_g += gi;
         }
-        let pbase = CUBE_POS * 2 * d;
-        #[unroll]
-        for j in 0..32usize {
-            let i = lane + j * 32;
-            if i < d {
-                partial[pbase + i] = sum_gx_col[j];
-                partial[pbase + d + i] = sum_g_col[j];
-            }
-        }
+        partial[chunk * 2 * d + c] = sum_gx;
+        partial[chunk * 2 * d + d + c] = sum_g;
     }
 }
 
@@ -227,31 +238,53 @@ fn forward_kernel(t: Vec<CubeTensor<CudaRuntime>>, eps: f64) -> Vec<CubeTensor<C
     vec![out, mean, rstd]
 }
 
-/// Backward on CubeCL tensors `[g, x, μ, 1/σ, γ]`: `[dx, partial sums [cubes, 2d]]`.
+/// The chunks of γ's and β's partial sums for `rows` rows (at most 65,535: one cube row each).
+fn chunks(rows: usize) -> (usize, usize) {
+    let per_chunk = CHUNK_ROWS.max(rows.div_ceil(65_535));
+    (rows.div_ceil(per_chunk), per_chunk)
+}
+
+/// Backward on CubeCL tensors `[g, x, μ, 1/σ, γ]`: `[dx, partial sums [chunks, 2d]]`, two
+/// launches: the input's gradient a plane per row, the partial sums a unit per column and chunk.
 fn backward_kernel(t: Vec<CubeTensor<CudaRuntime>>, _: f64) -> Vec<CubeTensor<CudaRuntime>> {
     let [g, x, mean, rstd, gamma]: [CubeTensor<CudaRuntime>; 5] =
         t.try_into().expect("five inputs");
     let [rows, d] = [x.meta.shape()[0], x.meta.shape()[1]];
-    let cubes = rows.div_ceil(BACKWARD_ROWS);
+    let (chunks, per_chunk) = chunks(rows);
     let (dx, partial) = (
         empty(&x, Shape::new([rows, d])),
-        empty(&x, Shape::new([cubes, 2 * d])),
+        empty(&x, Shape::new([chunks, 2 * d])),
     );
     let client = x.client.clone();
     device_code::backward::launch::<f32, CudaRuntime>(
         &client,
-        row_cubes(cubes),
-        CubeDim::new_1d(LANES),
+        row_cubes(rows.div_ceil(ROWS_PER_CUBE as usize)),
+        CubeDim::new_2d(LANES, ROWS_PER_CUBE),
+        g.clone().into_tensor_arg(),
+        x.clone().into_tensor_arg(),
+        mean.clone().into_tensor_arg(),
+        rstd.clone().into_tensor_arg(),
+        gamma.into_tensor_arg(),
+        dx.clone().into_tensor_arg(),
+        rows,
+        d,
+    );
+    device_code::column_partials::launch::<f32, CudaRuntime>(
+        &client,
+        CubeCount::Static(
+            d.div_ceil(COLUMNS_PER_CUBE as usize) as u32,
+            chunks as u32,
+            1,
+        ),
+        CubeDim::new_1d(COLUMNS_PER_CUBE),
         g.into_tensor_arg(),
         x.into_tensor_arg(),
         mean.into_tensor_arg(),
         rstd.into_tensor_arg(),
-        gamma.into_tensor_arg(),
-        dx.clone().into_tensor_arg(),
         partial.clone().into_tensor_arg(),
         rows,
         d,
-        BACKWARD_ROWS,
+        per_chunk,
     );
     vec![dx, partial]
 }
@@ -293,8 +326,8 @@ pub(crate) fn autodiff(
             let g = grads.consume::<Gpu>(&ops.node);
             let [x, mean, rstd, gamma] = ops.state;
             let d = x.shape[1];
-            let cubes = x.shape[0].div_ceil(BACKWARD_ROWS);
-            let shapes = vec![x.shape.clone(), Shape::new([cubes, 2 * d])];
+            let (chunks, _) = chunks(x.shape[0]);
+            let shapes = vec![x.shape.clone(), Shape::new([chunks, 2 * d])];
             let mut out = register(
                 "palm_layer_norm_backward",
                 vec![g, x, mean, rstd, gamma],
@@ -383,9 +416,9 @@ mod tests {
         let device = CudaDevice::new(0);
         let normal = Distribution::Normal(0.0, 2.0);
         let tolerance = Tolerance::<f32>::rel_abs(1e-4, 1e-4);
-        // A row shorter than a plane, rows not a multiple of the backward's 8, PALM-base's
-        // width over more rows than one cube takes.
-        for (rows, d) in [(3, 7), (70, 50), (37, 768)] {
+        // A row shorter than a plane, rows not a multiple of the backward's cube of 8 rows or
+        // of its 64-row chunks, PALM-base's width within one chunk and over five.
+        for (rows, d) in [(3, 7), (70, 50), (37, 768), (300, 768)] {
             let x = Tensor::<B, 2>::random([rows, d], normal, &device).require_grad();
             let gamma = Tensor::<B, 1>::random([d], normal, &device).require_grad();
             let beta = Tensor::<B, 1>::random([d], normal, &device).require_grad();
