@@ -100,9 +100,15 @@ fn a_run_killed_at_random_moments_and_resumed_ends_bit_identical() {
     };
     let killed = dir.path().join("killed");
     let mut kills = 0;
-    let mut resume = false;
-    for _ in 0..2 {
-        let mut c = if resume {
+    // Moments within `scale` of the straight run's time: halved whenever a run ends before
+    // its kill without having been killed yet (a loaded machine times the straight run slow),
+    // which starts the killed run over.
+    let mut scale = 1.0;
+    for _ in 0..8 {
+        if kills == 2 {
+            break;
+        }
+        let mut c = if killed.join("config.toml").exists() {
             let mut c = palm();
             c.args(["train", "--resume", "--out"]).arg(&killed);
             c
@@ -114,16 +120,22 @@ fn a_run_killed_at_random_moments_and_resumed_ends_bit_identical() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let delay = full.mul_f64(0.1 + 0.8 * next());
+        let delay = full.mul_f64(scale * (0.1 + 0.8 * next()));
         std::thread::sleep(delay);
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
             kills += 1;
             eprintln!("seed {seed}: killed after {delay:?} of ~{full:?}");
+            child.wait().unwrap();
+        } else if kills == 0 {
+            eprintln!("seed {seed}: finished within {delay:?}; starting over");
+            std::fs::remove_dir_all(&killed).unwrap();
+            scale /= 2.0;
+        } else {
+            break;
         }
-        child.wait().unwrap();
-        resume = killed.join("config.toml").exists();
     }
+    let resume = killed.join("config.toml").exists();
     assert!(kills > 0, "seed {seed}: the runs finished before any kill");
     let mut c = if resume {
         let mut c = palm();

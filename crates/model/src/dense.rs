@@ -228,8 +228,8 @@ pub enum Narrow {
     /// it without a cast (at batch 256 the encoder's is 100 M elements).
     Inner,
     /// Attention's queries, keys and values: its batched products read them without casts,
-    /// the heads' layout copies move half the bytes, and the probabilities are written in the
-    /// product type for the weighted sum (the scores stay in f32).
+    /// the heads' layout copies move bf16, and the probabilities are written in the product
+    /// type for the weighted sum (the scores stay in f32).
     Heads,
 }
 

@@ -9,8 +9,10 @@
 //! stored: each element's keep decision is a hash of its index and a per-call seed, drawn again
 //! by the backward kernel.
 //!
-//! One plane of 32 lanes per row of scores, eight rows per cube. f32 scores, contiguous; the
-//! mask is read through its own strides with its broadcast axes at stride 0.
+//! One plane of 32 lanes per row of scores, eight rows per cube. f32 scores, contiguous,
+//! normalised in f32; the probabilities (and their gradient) in f32 or bf16 (`bf16-mixed`'s
+//! `Narrow::Heads`); the mask is read through its own strides with its broadcast axes at
+//! stride 0.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -47,7 +47,9 @@ const ROWS_PER_CUBE: u32 = 8;
 /// Units per cube of the partial sums' kernel, one column each.
 const COLUMNS_PER_CUBE: u32 = 256;
 
-/// The widest rows the kernels take.
+/// The widest rows the kernels take (PALM-large's 1,024; nothing in them needs a limit since
+/// the backward pass stopped keeping 32 columns per lane in registers, but wider rows have not
+/// run on a GPU, so they take the written-out operations).
 const MAX_WIDTH: usize = 1024;
 
 mod device_code {
