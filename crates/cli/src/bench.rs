@@ -238,8 +238,14 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
         // The losses are read every --read-every steps (1: each step's, as the training loop's
         // NaN check and running mean do), all at once; between reads the host does not wait.
         let mut pending = Vec::with_capacity(args.read_every);
+        // Time in the step's own code (forward, backward and optimizer issued, before the
+        // host waits on a loss): near the whole step when the host is the bound, as on the
+        // GPU at small batches, where the device idles between launches.
+        let mut issuing = 0.0;
         for i in 0..args.steps {
+            let t = Instant::now();
             let (m, loss) = step(model);
+            issuing += t.elapsed().as_secs_f64();
             model = m;
             pending.push(loss);
             if pending.len() == args.read_every || i + 1 == args.steps {
@@ -267,6 +273,8 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
             "tgt_len": args.tgt_len,
             "steps": args.steps,
             "samples_per_s": samples,
+            "step_ms": secs * 1e3 / args.steps as f64,
+            "host_issue_ms_per_step": issuing * 1e3 / args.steps as f64,
             "tokens_per_s": samples * (args.src_len + args.tgt_len) as f64,
             "model_tflops_per_s": samples * flops / 1e12,
             "mfu_bf16_h200": samples * flops / 790e12,

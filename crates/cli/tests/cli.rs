@@ -505,6 +505,12 @@ fn bench_reports_one_json_line_per_batch_size_with_the_kernels_it_ran_on() {
                 "tokens_per_s"
             };
             assert!(line[rate].as_f64().is_some_and(|r| r > 0.0), "{line}");
+            if what == "train" {
+                // The time issuing a step is part of the step's time.
+                let step = line["step_ms"].as_f64().expect("step_ms");
+                let issue = line["host_issue_ms_per_step"].as_f64().expect("issue time");
+                assert!(issue > 0.0 && issue <= step, "{line}");
+            }
         }
     }
 }
