@@ -44,7 +44,8 @@
 //! added in the product's epilogue; backward, the bias gradient is the weight gradient's
 //! epilogue. `PALM_AFFINE=composed` keeps them as casts, a product and a bias addition.
 //! Attention's batched products of a training step go to cuBLASLt's strided batches too
-//! (`ffi::batched`; `PALM_ATTENTION_GEMM=burn` keeps burn's matmul for them).
+//! (`ffi::batched`; `PALM_ATTENTION_GEMM=burn` keeps burn's matmul for them, `=kept` keeps the
+//! operands as the forward products read them for the backward pass: not yet measured).
 
 use burn::tensor::DType;
 

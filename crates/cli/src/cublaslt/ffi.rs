@@ -1167,31 +1167,39 @@ mod tests {
             };
             for (i, left) in [&q, &p].into_iter().enumerate() {
                 let (x, y) = operands(i);
-                let shape = [b, h, x.dims()[2], y.dims()[3]];
-                let weights = rounded(Tensor::<B, 4>::random(shape, normal, &device));
-                let run = |routed: bool| {
+                let [m, n] = [x.dims()[2], y.dims()[3]];
+                // The product's heads merged as attention's weighted sum's are, so that its
+                // gradient arrives as a `[b, m, h, n]` tensor viewed as `[b, h, m, n]`.
+                let weights = rounded(Tensor::<B, 4>::random([b, m, h, n], normal, &device))
+                    .reshape([b, m, h * n]);
+                // `None`: burn's matmul; `Some(keep)`: cuBLASLt, its operands as read kept for
+                // the backward pass or not.
+                let run = |routed: Option<bool>| {
                     let (x, y) = operands(i);
-                    let out = if routed {
-                        batched::autodiff((x, y), FloatDType::F32)
-                            .unwrap_or_else(|_| panic!("taken"))
-                    } else {
-                        rounded(x).matmul(rounded(y))
+                    let out = match routed {
+                        Some(keep) => batched::autodiff_keeping((x, y), FloatDType::F32, keep)
+                            .unwrap_or_else(|_| panic!("taken")),
+                        None => rounded(x).matmul(rounded(y)),
                     };
                     assert_eq!(out.dtype(), DType::F32);
-                    let grads = (out.clone() * weights.clone()).sum().backward();
+                    let merged = out.clone().swap_dims(1, 2).reshape([b, m, h * n]);
+                    let grads = (merged * weights.clone()).sum().backward();
                     [
                         out.into_data(),
                         left.grad(&grads).unwrap().into_data(),
                         k.grad(&grads).unwrap().into_data(),
                     ]
                 };
-                let (ours, burns) = (run(true), run(false));
-                for (what, (a, c)) in ["product", "d left", "dk"]
-                    .iter()
-                    .zip(ours.iter().zip(&burns))
-                {
-                    eprintln!("{product:?} case {i} {what}");
-                    a.assert_approx_eq::<f32>(c, tolerance);
+                let burns = run(None);
+                for keep in [false, true] {
+                    let ours = run(Some(keep));
+                    for (what, (a, c)) in ["product", "d left", "dk"]
+                        .iter()
+                        .zip(ours.iter().zip(&burns))
+                    {
+                        eprintln!("{product:?} case {i} keep {keep} {what}");
+                        a.assert_approx_eq::<f32>(c, tolerance);
+                    }
                 }
             }
         }

@@ -44,12 +44,13 @@ fn batched_layout(t: &CubeTensor<CudaRuntime>) -> Option<(Operand, i64)> {
 }
 
 /// `a · b` for `[b, h, m, k]` and `[b, h, k, n]` CubeCL tensors of one type, written in
-/// `out_dtype` as a contiguous `[b, h, m, n]`.
+/// `out_dtype` as a contiguous `[b, h, m, n]`; with the operands as cuBLASLt read them (each
+/// itself, or its contiguous copy where its heads do not step uniformly).
 fn cube_batched(
     a: CubeTensor<CudaRuntime>,
     b: CubeTensor<CudaRuntime>,
     out_dtype: DType,
-) -> CubeTensor<CudaRuntime> {
+) -> [CubeTensor<CudaRuntime>; 3] {
     let readable = |t: CubeTensor<CudaRuntime>| match batched_layout(&t) {
         Some(l) => (t, l),
         None => {
@@ -90,54 +91,112 @@ fn cube_batched(
             a.dtype
         )
     });
-    out
+    [out, a, b]
 }
 
-/// [`cube_batched`] as a custom operation of the fusion backend.
+/// [`cube_batched`] as a custom operation of the fusion backend: the product, and the
+/// operands as read for those of `keep` that are set (so that a later product reads them
+/// without copying them again).
 fn fusion_batched(
     a: FusionTensor<FusionR>,
     b: FusionTensor<FusionR>,
     out_dtype: DType,
-) -> FusionTensor<FusionR> {
+    keep: [bool; 2],
+) -> (FusionTensor<FusionR>, [Option<FusionTensor<FusionR>>; 2]) {
     #[derive(Debug)]
     struct BatchedOp {
         desc: CustomOpIr,
         out: DType,
+        keep: [bool; 2],
     }
 
     impl Operation<FusionR> for BatchedOp {
         fn execute(&self, handles: &mut HandleContainer<Handle>) {
-            let ([a, b], [out]) = self.desc.as_fixed();
+            let [a, b] = &self.desc.inputs[..] else {
+                unreachable!("two operands")
+            };
             let a = handles.get_float_tensor::<Cube>(a);
             let b = handles.get_float_tensor::<Cube>(b);
-            handles.register_float_tensor::<Cube>(&out.id, cube_batched(a, b, self.out));
+            let [y, a, b] = cube_batched(a, b, self.out);
+            let mut outputs = self.desc.outputs.iter();
+            let mut put = |t| {
+                let ir = outputs.next().expect("an output per result kept");
+                handles.register_float_tensor::<Cube>(&ir.id, t);
+            };
+            put(y);
+            for (kept, t) in self.keep.into_iter().zip([a, b]) {
+                if kept {
+                    put(t);
+                }
+            }
         }
     }
 
     let shape = Shape::new([a.shape[0], a.shape[1], a.shape[2], b.shape[3]]);
     let client = a.client.clone();
     let streams = OperationStreams::with_inputs([&a, &b]);
-    let out = TensorIr::uninit(client.create_empty_handle(), shape, out_dtype);
-    let desc = CustomOpIr::new("palm_cublaslt_batched", &[a.into_ir(), b.into_ir()], &[out]);
-    client
+    let mut outputs = vec![TensorIr::uninit(
+        client.create_empty_handle(),
+        shape,
+        out_dtype,
+    )];
+    for (kept, t) in keep.into_iter().zip([&a, &b]) {
+        if kept {
+            outputs.push(TensorIr::uninit(
+                client.create_empty_handle(),
+                t.shape.clone(),
+                t.dtype,
+            ));
+        }
+    }
+    let desc = CustomOpIr::new(
+        "palm_cublaslt_batched",
+        &[a.into_ir(), b.into_ir()],
+        &outputs,
+    );
+    let mut results = client
         .register(
             streams,
             OperationIr::Custom(desc.clone()),
             BatchedOp {
                 desc,
                 out: out_dtype,
+                keep,
             },
         )
-        .into_iter()
-        .next()
-        .expect("the product")
+        .into_iter();
+    let y = results.next().expect("the product");
+    let kept = keep.map(|k| k.then(|| results.next().expect("an operand kept")));
+    (y, kept)
+}
+
+/// [`fusion_batched`] keeping neither operand.
+const NONE: [bool; 2] = [false, false];
+
+/// Whether attention's batched products keep their operands as they read them for the
+/// backward pass (`PALM_ATTENTION_GEMM=kept`): with bf16 heads (`Narrow::Heads`) no cast makes
+/// a `[b, t, h, dh]`-viewed operand contiguous, so each product copies it, and the backward
+/// pass's two products copy the saved view again, as they copy the output's gradient once
+/// each. Not yet measured on the GPU, so off by default.
+fn keep_operands() -> bool {
+    static KEEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KEEP.get_or_init(|| std::env::var("PALM_ATTENTION_GEMM").is_ok_and(|v| v == "kept"))
 }
 
 /// Attention's batched product on the autodiff backend (training): operands cast to the
 /// product type, the result and both gradients written in the tensors' own type.
 pub(super) fn autodiff(
+    operands: BatchedOperands<Autodiff<Gpu>>,
+    out: FloatDType,
+) -> Result<Tensor<Autodiff<Gpu>, 4>, Box<BatchedOperands<Autodiff<Gpu>>>> {
+    autodiff_keeping(operands, out, keep_operands())
+}
+
+/// [`autodiff`], the operands as read kept for the backward pass or not ([`keep_operands`]).
+pub(super) fn autodiff_keeping(
     (a, b): BatchedOperands<Autodiff<Gpu>>,
     out: FloatDType,
+    keep: bool,
 ) -> Result<Tensor<Autodiff<Gpu>, 4>, Box<BatchedOperands<Autodiff<Gpu>>>> {
     let ([bs, hs, m, k], [b2, h2, k2, n]) = (a.dims(), b.dims());
     let own = a.dtype();
@@ -156,37 +215,69 @@ pub(super) fn autodiff(
     struct BatchedBackward;
 
     impl Backward<Gpu, 2> for BatchedBackward {
-        /// Both operands in the product type, and their own types.
-        type State = (FusionTensor<FusionR>, FusionTensor<FusionR>, DType, DType);
+        /// Both operands in the product type, their own types, and whether the products keep
+        /// what they read ([`keep_operands`]).
+        type State = (
+            FusionTensor<FusionR>,
+            FusionTensor<FusionR>,
+            DType,
+            DType,
+            bool,
+        );
 
         fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let (a, b, a_dtype, b_dtype) = ops.state;
-            binary::<Gpu, _, _>(
-                ops.parents,
-                ops.node,
-                grads,
-                |g| {
-                    let g = cast(g, b.dtype);
-                    fusion_batched(g, Gpu::float_swap_dims(b.clone(), 2, 3), a_dtype)
-                },
-                |g| {
-                    let g = cast(g, a.dtype);
-                    fusion_batched(Gpu::float_swap_dims(a.clone(), 2, 3), g, b_dtype)
-                },
-            );
+            let (a, b, a_dtype, b_dtype, keep) = ops.state;
+            if !keep {
+                binary::<Gpu, _, _>(
+                    ops.parents,
+                    ops.node,
+                    grads,
+                    |g| {
+                        let g = cast(g, b.dtype);
+                        fusion_batched(g, Gpu::float_swap_dims(b.clone(), 2, 3), a_dtype, NONE).0
+                    },
+                    |g| {
+                        let g = cast(g, a.dtype);
+                        fusion_batched(Gpu::float_swap_dims(a.clone(), 2, 3), g, b_dtype, NONE).0
+                    },
+                );
+                return;
+            }
+            // Both operands are in one type: the output's gradient is cast to it once, and the
+            // first product hands its copy of it (if it made one) to the second.
+            let g = cast(grads.consume::<Gpu>(&ops.node), a.dtype);
+            let [a_node, b_node] = ops.parents;
+            let mut g_read = g.clone();
+            if let Some(node) = a_node {
+                let (da, [kept, _]) = fusion_batched(
+                    g,
+                    Gpu::float_swap_dims(b, 2, 3),
+                    a_dtype,
+                    [b_node.is_some(), false],
+                );
+                if let Some(kept) = kept {
+                    g_read = kept;
+                }
+                grads.register::<Gpu>(node.id, da);
+            }
+            if let Some(node) = b_node {
+                let (db, _) = fusion_batched(Gpu::float_swap_dims(a, 2, 3), g_read, b_dtype, NONE);
+                grads.register::<Gpu>(node.id, db);
+            }
         }
     }
 
     let (ap, bp) = (a.into_primitive().tensor(), b.into_primitive().tensor());
     let (a_dtype, b_dtype) = (ap.primitive.dtype, bp.primitive.dtype);
     let (ac, bc) = (cast(ap.primitive, operands), cast(bp.primitive, operands));
-    let y = fusion_batched(ac.clone(), bc.clone(), out);
+    let (y, [a_read, b_read]) = fusion_batched(ac.clone(), bc.clone(), out, [keep, keep]);
+    let (ac, bc) = (a_read.unwrap_or(ac), b_read.unwrap_or(bc));
     let y = match BatchedBackward
         .prepare::<NoCheckpointing>([ap.node, bp.node])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((ac, bc, a_dtype, b_dtype), y),
+        OpsKind::Tracked(prep) => prep.finish((ac, bc, a_dtype, b_dtype, keep), y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
     Ok(Tensor::from_primitive(TensorPrimitive::Float(y)))
