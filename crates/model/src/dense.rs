@@ -150,11 +150,11 @@ fn gemm<B: Backend>() -> Option<Gemm<B>> {
 pub(crate) fn product_2d<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     let own: FloatDType = a.dtype().into();
     let (a, b) = (for_product(a), for_product(b));
-    match gemm::<B>() {
+    let y = match gemm::<B>() {
         Some(gemm) => gemm(a, b),
         None => a.matmul(b),
-    }
-    .cast(own)
+    };
+    cast_to(y, own)
 }
 
 /// The operands of an [`Affine`] map: `x [rows, k]`, `w [k, n]` (a transposed view for a tied
@@ -200,17 +200,12 @@ fn affine<B: Backend>(
         None => (x, w, bias),
     };
     let own: FloatDType = w.dtype().into();
-    let x = if x.dtype() == w.dtype() {
-        x
-    } else {
-        x.cast(own)
-    };
-    let y = product_2d(x, w);
+    let y = product_2d(cast_to(x, own), w);
     let y = match bias {
         Some(bias) => crate::grad::add_bias(y, bias),
         None => y,
     };
-    if out == own { y } else { y.cast(out) }
+    cast_to(y, out)
 }
 
 /// `x · W + b` for `x [.., d_in]`, as one `[rows, d_in] · [d_in, d_out]` product, in the

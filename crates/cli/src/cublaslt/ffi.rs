@@ -66,8 +66,10 @@ pub fn install(index: usize) -> Result<()> {
         palm_model::dense::set_affine::<Gpu>(Some(affine::fusion));
         palm_model::dense::set_affine::<Autodiff<Gpu>>(Some(affine::autodiff));
     }
-    if !std::env::var("PALM_ATTENTION_GEMM").is_ok_and(|v| v == "burn") {
-        palm_model::dense::set_batched::<Autodiff<Gpu>>(Some(batched::autodiff));
+    match std::env::var("PALM_ATTENTION_GEMM").as_deref() {
+        Ok("burn") => {}
+        Ok("kept") => palm_model::dense::set_batched::<Autodiff<Gpu>>(Some(batched::autodiff_kept)),
+        _ => palm_model::dense::set_batched::<Autodiff<Gpu>>(Some(batched::autodiff)),
     }
     Ok(())
 }

@@ -173,26 +173,28 @@ fn fusion_batched(
 /// [`fusion_batched`] keeping neither operand.
 const NONE: [bool; 2] = [false, false];
 
-/// Whether attention's batched products keep their operands as they read them for the
-/// backward pass (`PALM_ATTENTION_GEMM=kept`): with bf16 heads (`Narrow::Heads`) no cast makes
-/// a `[b, t, h, dh]`-viewed operand contiguous, so each product copies it, and the backward
-/// pass's two products copy the saved view again, as they copy the output's gradient once
-/// each. Not yet measured on the GPU, so off by default.
-fn keep_operands() -> bool {
-    static KEEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *KEEP.get_or_init(|| std::env::var("PALM_ATTENTION_GEMM").is_ok_and(|v| v == "kept"))
-}
-
 /// Attention's batched product on the autodiff backend (training): operands cast to the
 /// product type, the result and both gradients written in the tensors' own type.
 pub(super) fn autodiff(
     operands: BatchedOperands<Autodiff<Gpu>>,
     out: FloatDType,
 ) -> Result<Tensor<Autodiff<Gpu>, 4>, Box<BatchedOperands<Autodiff<Gpu>>>> {
-    autodiff_keeping(operands, out, keep_operands())
+    autodiff_keeping(operands, out, false)
 }
 
-/// [`autodiff`], the operands as read kept for the backward pass or not ([`keep_operands`]).
+/// [`autodiff`] with the operands kept as the forward product read them, for the backward
+/// pass (`PALM_ATTENTION_GEMM=kept`): with bf16 heads (`Narrow::Heads`) no cast makes a
+/// `[b, t, h, dh]`-viewed operand contiguous, so each product copies it, and the backward
+/// pass's two products copy the saved view again, as they copy the output's gradient once
+/// each. Not yet measured on the GPU, so not the default.
+pub(super) fn autodiff_kept(
+    operands: BatchedOperands<Autodiff<Gpu>>,
+    out: FloatDType,
+) -> Result<Tensor<Autodiff<Gpu>, 4>, Box<BatchedOperands<Autodiff<Gpu>>>> {
+    autodiff_keeping(operands, out, true)
+}
+
+/// The batched product of the autodiff backend, the operands as read kept or not.
 pub(super) fn autodiff_keeping(
     (a, b): BatchedOperands<Autodiff<Gpu>>,
     out: FloatDType,
@@ -216,7 +218,7 @@ pub(super) fn autodiff_keeping(
 
     impl Backward<Gpu, 2> for BatchedBackward {
         /// Both operands in the product type, their own types, and whether the products keep
-        /// what they read ([`keep_operands`]).
+        /// what they read ([`autodiff_kept`]).
         type State = (
             FusionTensor<FusionR>,
             FusionTensor<FusionR>,
