@@ -6,7 +6,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use palm_decode::{BeamConfig, beam_search};
@@ -201,10 +201,7 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
     for &batch in &args.batch_size {
         B::seed(device, 1);
         let mut model = PalmTraining::new(Palm::<B>::new(&mc, device), mc.palm.label_smoothing);
-        let mut optim = AdamWConfig::new()
-            .with_epsilon(1e-8)
-            .with_weight_decay(0.01)
-            .init();
+        let mut optim = palm_train::optim::adamw(0.01);
         let src = ids::<B>(batch, args.src_len, 1, 106, vocab, device);
         let tgt = ids::<B>(batch, args.tgt_len + 1, 2, 106, vocab, device);
         let make = || PalmBatch {

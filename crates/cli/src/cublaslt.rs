@@ -44,8 +44,10 @@
 //! added in the product's epilogue; backward, the bias gradient is the weight gradient's
 //! epilogue. `PALM_AFFINE=composed` keeps them as casts, a product and a bias addition.
 //! Attention's batched products of a training step go to cuBLASLt's strided batches too
-//! (`ffi::batched`; `PALM_ATTENTION_GEMM=burn` keeps burn's matmul for them, `=kept` keeps the
-//! operands as the forward products read them for the backward pass: not yet measured).
+//! (`ffi::batched`; `PALM_ATTENTION_GEMM=burn` keeps burn's matmul for them), keeping the
+//! operands as the forward products read them for the backward pass (`=recopy` copies them
+//! again there). Under `bf16-mixed` the optimizer leaves each parameter's bf16 copy for the
+//! next forward pass (`ffi::shadow`; `PALM_SHADOW=off` casts at each use instead).
 
 use burn::tensor::DType;
 

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::FloatDType;
+use burn::tensor::ops::FloatTensor;
 
 use crate::registry::PerBackend;
 
@@ -77,6 +78,27 @@ pub(crate) fn cast_to<B: Backend, const D: usize>(
 pub fn product<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
     let own: FloatDType = a.dtype().into();
     cast_to(for_product(a).matmul(for_product(b)), own)
+}
+
+/// What a backend does with a parameter the optimizer has just written: keep its copy in the
+/// [`product_dtype`], made while the parameter's update is still queued so that a fusing
+/// backend writes both in one kernel, for the next forward pass's products to read in place
+/// of a cast of their own (under `bf16-mixed` about 300 casts a training step otherwise: every
+/// weight, and the bias of every layer whose result stays in bf16).
+pub type Shadow<B> = fn(FloatTensor<B>);
+
+static SHADOWS: PerBackend = PerBackend::new();
+
+/// Hands the parameters an optimizer writes on backend `B` to `shadow` (`None`: nothing).
+pub fn set_shadow<B: Backend>(shadow: Option<Shadow<B>>) {
+    SHADOWS.set::<B, _>(shadow);
+}
+
+/// Hands `param`, just written by an optimizer, to the backend's [`Shadow`], if one is set.
+pub fn shadow<B: Backend, const D: usize>(param: &Tensor<B, D>) {
+    if let Some(f) = SHADOWS.get::<B, Shadow<B>>() {
+        f(param.clone().into_primitive().tensor());
+    }
 }
 
 /// The operands of a [`Batched`] product: `[b, h, m, k]` and `[b, h, k, n]` (either may be a

@@ -19,6 +19,7 @@ pub mod config;
 pub mod fit;
 pub mod loss;
 pub mod model;
+pub mod optim;
 pub mod output;
 pub mod plot;
 pub mod pretrain;

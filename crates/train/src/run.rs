@@ -8,8 +8,6 @@ use std::sync::{Arc, Mutex};
 use burn::data::dataloader::DataLoaderBuilder;
 use burn::data::dataset::InMemDataset;
 use burn::module::AutodiffModule;
-use burn::optim::AdamWConfig;
-use burn::optim::adaptor::OptimizerAdaptor;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn_train::metric::{AccuracyMetric, LearningRateMetric, LossMetric, PerplexityMetric};
@@ -33,12 +31,8 @@ use crate::schedule::Schedule;
 use crate::{Error, Result};
 
 /// burn-train's component types of a PALM run on backend `B`.
-pub type Components<B> = LearningComponentsMarker<
-    B,
-    Schedule,
-    PalmTraining<B>,
-    OptimizerAdaptor<burn::optim::AdamW, PalmTraining<B>, B>,
->;
+pub type Components<B> =
+    LearningComponentsMarker<B, Schedule, PalmTraining<B>, crate::optim::Optim<PalmTraining<B>, B>>;
 
 /// The model configuration a run trains (written to `RUN_DIR/palm.json`).
 const MODEL_CONFIG: &str = "palm.json";
@@ -438,11 +432,7 @@ pub fn run<B: AutodiffBackend>(
     };
     let batches_per_epoch = train.rows().div_ceil(config.batch_size);
     let total_steps = batches_per_epoch.div_ceil(accumulation) * config.epochs;
-    // PyTorch's AdamW defaults (burn's epsilon default is 1e-5).
-    let optim = AdamWConfig::new()
-        .with_epsilon(1e-8)
-        .with_weight_decay(config.weight_decay as f32)
-        .init();
+    let optim = crate::optim::adamw(config.weight_decay as f32);
     let schedule = Schedule::new(config.schedule, config.lr, config.warmup, total_steps);
     let tokenizer = Arc::new(tokenizer);
     let outcome = Arc::new(Mutex::new(None));

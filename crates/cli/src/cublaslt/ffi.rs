@@ -65,11 +65,15 @@ pub fn install(index: usize) -> Result<()> {
         palm_model::dense::set_affine::<Cube>(Some(affine::cube));
         palm_model::dense::set_affine::<Gpu>(Some(affine::fusion));
         palm_model::dense::set_affine::<Autodiff<Gpu>>(Some(affine::autodiff));
+        // The optimizer's bf16 copies of the parameters, read by the training affine map.
+        if !std::env::var("PALM_SHADOW").is_ok_and(|v| v == "off") {
+            palm_model::dense::set_shadow::<Gpu>(Some(shadow::store));
+        }
     }
     match std::env::var("PALM_ATTENTION_GEMM").as_deref() {
         Ok("burn") => {}
-        Ok("kept") => palm_model::dense::set_batched::<Autodiff<Gpu>>(Some(batched::autodiff_kept)),
-        _ => palm_model::dense::set_batched::<Autodiff<Gpu>>(Some(batched::autodiff)),
+        Ok("recopy") => palm_model::dense::set_batched::<Autodiff<Gpu>>(Some(batched::autodiff)),
+        _ => palm_model::dense::set_batched::<Autodiff<Gpu>>(Some(batched::autodiff_kept)),
     }
     Ok(())
 }
@@ -931,6 +935,7 @@ mod stream {
 
 mod affine;
 mod batched;
+mod shadow;
 
 #[cfg(test)]
 mod tests {
@@ -1136,6 +1141,70 @@ mod tests {
         let x = Tensor::<B, 2>::random([m, k], normal, &device);
         let w = Tensor::<B, 2>::random([k, n], normal, &device);
         assert!(affine::autodiff((x, w, None), FloatDType::F32).is_err());
+    }
+
+    #[test]
+    fn the_optimizers_bf16_copies_serve_one_forward_use_with_the_same_results() {
+        let _held = PRODUCT_TYPE.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: as above (every product routed, read once).
+        unsafe { std::env::set_var("PALM_GEMM_MIN_MACS", "0") };
+        palm_model::dense::set_product_dtype(Some(FloatDType::BF16));
+        let device = CudaDevice::new(0);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let (m, k, n) = (300, 200, 500);
+        let x = Tensor::<B, 2>::random([m, k], normal, &device).require_grad();
+        let w = Tensor::<B, 2>::random([k, n], normal, &device).require_grad();
+        let bias = Tensor::<B, 1>::random([n], normal, &device).require_grad();
+        let out_grad = Tensor::<B, 2>::random([m, n], normal, &device);
+        // A layer whose result stays in bf16: both the weight and the bias are cast.
+        let run = || {
+            let y = affine::autodiff((x.clone(), w.clone(), Some(bias.clone())), FloatDType::BF16)
+                .unwrap_or_else(|_| panic!("taken"));
+            let grads = (y.clone().cast(FloatDType::F32) * out_grad.clone())
+                .sum()
+                .backward();
+            [
+                y.cast(FloatDType::F32).into_data(),
+                x.grad(&grads).unwrap().into_data(),
+                w.grad(&grads).unwrap().into_data(),
+                bias.grad(&grads).unwrap().into_data(),
+            ]
+        };
+        let cast_here = run();
+        // As the optimizer's step leaves them: a copy of each parameter, taken by one use.
+        shadow::store(w.clone().inner().into_primitive().tensor());
+        shadow::store(bias.clone().inner().into_primitive().tensor());
+        assert_eq!(shadow::kept(), 2);
+        let copied = run();
+        assert_eq!(shadow::kept(), 0, "both copies taken");
+        for (what, (a, b)) in ["y", "dx", "dW", "db"]
+            .iter()
+            .zip(copied.iter().zip(&cast_here))
+        {
+            eprintln!("copies: {what}");
+            a.assert_eq(b, true);
+        }
+        // A second use casts again, with the same results.
+        for (a, b) in run().iter().zip(&cast_here) {
+            a.assert_eq(b, true);
+        }
+        // A store after a use starts a new round: copies the last forward pass did not take
+        // are dropped.
+        let t = |shape: [usize; 2]| -> FusionTensor<FusionR> {
+            unwrap(Tensor::<Gpu, 2>::random(shape, normal, &device))
+        };
+        let (a, b, c) = (t([4, 8]), t([8, 4]), t([2, 2]));
+        shadow::store(a.clone());
+        shadow::store(b);
+        let a_copy = shadow::take_or_cast(a.clone(), DType::BF16);
+        assert_eq!(a_copy.dtype, DType::BF16);
+        assert_eq!(shadow::kept(), 1, "b's copy left");
+        shadow::store(c);
+        assert_eq!(shadow::kept(), 1, "b's dropped, c's kept");
+        // Without a product type nothing is stored.
+        palm_model::dense::set_product_dtype(None);
+        shadow::store(a);
+        assert_eq!(shadow::kept(), 1);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_fusion::FusionTensor;
 use palm_model::dense::{AffineOperands, product_dtype};
 
+use super::shadow::take_or_cast;
 use super::{
     Cube, Extra, FusionR, Gpu, cast, cube_product, fusion_product, min_macs, unwrap, wrap,
 };
@@ -89,10 +90,14 @@ pub(super) fn autodiff(
     let (xp, wp, bp) = (unwrap(x), unwrap(w), bias.into_primitive().tensor());
     let (x_dtype, w_dtype) = (xp.primitive.dtype, wp.primitive.dtype);
     let operands = operand_dtype(w_dtype);
-    let (xc, wc) = (cast(xp.primitive, operands), cast(wp.primitive, operands));
+    // The weight's and the bias's copies in the operands' type, when the optimizer left them.
+    let (xc, wc) = (
+        cast(xp.primitive, operands),
+        take_or_cast(wp.primitive, operands),
+    );
     // cuBLASLt adds a bias of the result's type (a bf16 result with an f32 bias is an invalid
     // value to its heuristic); autocast casts the bias too.
-    let bias = cast(bp.primitive, out);
+    let bias = take_or_cast(bp.primitive, out);
     let (y, _) = fusion_product(xc.clone(), wc.clone(), out, Extra::Bias(bias));
     let y = match AffineBackward
         .prepare::<NoCheckpointing>([xp.node, wp.node, bp.node])

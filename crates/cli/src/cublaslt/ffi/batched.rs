@@ -183,10 +183,11 @@ pub(super) fn autodiff(
 }
 
 /// [`autodiff`] with the operands kept as the forward product read them, for the backward
-/// pass (`PALM_ATTENTION_GEMM=kept`): with bf16 heads (`Narrow::Heads`) no cast makes a
-/// `[b, t, h, dh]`-viewed operand contiguous, so each product copies it, and the backward
-/// pass's two products copy the saved view again, as they copy the output's gradient once
-/// each. Not yet measured on the GPU, so not the default.
+/// pass (the default; `PALM_ATTENTION_GEMM=recopy` for [`autodiff`]): with bf16 heads
+/// (`Narrow::Heads`) no cast makes a `[b, t, h, dh]`-viewed operand contiguous, so each
+/// product copies it, and without the kept copies the backward pass's two products copy the
+/// saved view again, as they copy the output's gradient once each. Measured on the H200
+/// (eighth run, call 1, batch 256): 144 fewer launches a step, 1,370.8 → 1,449.4 samples/s.
 pub(super) fn autodiff_kept(
     operands: BatchedOperands<Autodiff<Gpu>>,
     out: FloatDType,
