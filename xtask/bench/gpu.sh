@@ -15,7 +15,7 @@
 # switches pass through (PALM_GEMM=burn, PALM_BACKWARD=burn, PALM_GEMM_MIN_MACS,
 # PALM_CROSS_ATTENTION=decomposed, PALM_FUSION=1, PALM_KERNELS=burn, PALM_GEMM_STREAM=own,
 # PALM_AFFINE=composed, PALM_FFN=wide, PALM_ATTENTION=wide, PALM_ATTENTION_GEMM=burn|recopy,
-# PALM_SHADOW=off).
+# PALM_SHADOW=on, PALM_GEMM_SUBMIT=wait).
 # REV names the binary's commit in results.jsonl: pass the one `cargo xtask bench gpu` prints
 # (`git rev-parse` on the GPU machine reports the tree it was handed, not the build's).
 set -uo pipefail

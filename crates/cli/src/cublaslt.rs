@@ -46,8 +46,10 @@
 //! Attention's batched products of a training step go to cuBLASLt's strided batches too
 //! (`ffi::batched`; `PALM_ATTENTION_GEMM=burn` keeps burn's matmul for them), keeping the
 //! operands as the forward products read them for the backward pass (`=recopy` copies them
-//! again there). Under `bf16-mixed` the optimizer leaves each parameter's bf16 copy for the
-//! next forward pass (`ffi::shadow`; `PALM_SHADOW=off` casts at each use instead).
+//! again there). Under `bf16-mixed` the optimizer can leave each parameter's bf16 copy for
+//! the next forward pass (`ffi::shadow`, opt-in: `PALM_SHADOW=on`). A product that has run
+//! once is queued on CubeCL's device thread without waiting for it (`PALM_GEMM_SUBMIT=wait`
+//! waits for each).
 
 use burn::tensor::DType;
 

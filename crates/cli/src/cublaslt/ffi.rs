@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{DType, Shape, TensorPrimitive};
@@ -20,7 +20,9 @@ use burn_autodiff::ops::{Backward, Ops, OpsKind, binary};
 use burn_autodiff::{Autodiff, NodeId};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::Runtime;
+use burn_cubecl::cubecl::client::ComputeClient;
 use burn_cubecl::cubecl::cuda::{CudaDevice, CudaRuntime};
+use burn_cubecl::cubecl::device_handle::DeviceHandle;
 use burn_cubecl::tensor::CubeTensor;
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
@@ -65,8 +67,10 @@ pub fn install(index: usize) -> Result<()> {
         palm_model::dense::set_affine::<Cube>(Some(affine::cube));
         palm_model::dense::set_affine::<Gpu>(Some(affine::fusion));
         palm_model::dense::set_affine::<Autodiff<Gpu>>(Some(affine::autodiff));
-        // The optimizer's bf16 copies of the parameters, read by the training affine map.
-        if !std::env::var("PALM_SHADOW").is_ok_and(|v| v == "off") {
+        // The optimizer's bf16 copies of the parameters, read by the training affine map:
+        // opt-in (`PALM_SHADOW=on`), they remove 300 launches a step but cost the host more
+        // than that (docs/benchmarks.md, item 35).
+        if std::env::var("PALM_SHADOW").is_ok_and(|v| v == "on") {
             palm_model::dense::set_shadow::<Gpu>(Some(shadow::store));
         }
     }
@@ -347,48 +351,109 @@ fn cube_product(
 /// alignments read from their pointers: on CubeCL's device thread, after every operation
 /// queued before it (the tensors' memory), then on CubeCL's own stream (no wait for the
 /// device) or, where that stream is unknown, on this module's after draining CubeCL's.
+///
+/// The first product of each problem waits for the device thread to run it (an epilogue
+/// cuBLASLt has no algorithm for comes back as an error, and the caller does its work with
+/// CubeCL's kernels); a problem that has run once is then handed to the device thread without
+/// waiting, as CubeCL queues its own kernels, so the calling thread goes on issuing the step
+/// while the device thread launches (`PALM_GEMM_SUBMIT=wait` waits for every product). An
+/// error there (none is expected of a problem that ran) is reported by the next product.
 fn enqueue(
-    mut problem: Problem,
+    problem: Problem,
     tensors: [&CubeTensor<CudaRuntime>; 3],
     vector: Option<&CubeTensor<CudaRuntime>>,
 ) -> Result<()> {
+    if let Some(e) = QUEUED_ERROR
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        bail!("an earlier cuBLASLt product failed on the device thread: {e:#}");
+    }
     let client = tensors[0].client.clone();
     let index = tensors[0].device.index;
-    let run = || -> Result<()> {
-        // Errors, not panics: this runs on CubeCL's device thread.
-        let resource = |t: &CubeTensor<CudaRuntime>| {
-            client
-                .get_resource(t.handle.clone())
-                .map_err(|e| anyhow!("a CUDA tensor's memory: {e:?}"))
-        };
-        let held = tensors.map(resource);
-        let [first, second, out] = held;
-        let (first, second, out) = (first?, second?, out?);
-        let rvector = vector.map(resource).transpose()?;
-        let pointers = [
-            first.resource().ptr,
-            second.resource().ptr,
-            out.resource().ptr,
-        ];
-        problem.align = pointers.map(|p| (p & p.wrapping_neg()).min(256) as u32);
-        let vector_ptr = rvector.as_ref().map(|r| r.resource().ptr);
-        let result = match stream::backend_stream(&client) {
-            Some(stream) => with_device(index, |d| {
-                d.matmul(&problem, pointers, vector_ptr, Some(stream))
-            }),
-            None => {
-                burn_cubecl::cubecl::future::block_on(client.sync())
-                    .map_err(|e| anyhow!("the CUDA stream synchronises: {e:?}"))?;
-                with_device(index, |d| d.matmul(&problem, pointers, vector_ptr, None))
+    if submit_without_waiting() && ran(&problem) {
+        let tensors = tensors.map(Clone::clone);
+        let vector = vector.cloned();
+        let handle =
+            DeviceHandle::<<CudaRuntime as Runtime>::Server>::new(tensors[0].device.to_id());
+        handle.submit(move |_| {
+            let [a, b, c] = &tensors;
+            if let Err(e) = run_product(problem, &client, index, [a, b, c], vector.as_ref()) {
+                *QUEUED_ERROR.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
             }
-        };
-        drop((first, second, out, rvector));
-        result
-    };
-    client
-        .exclusive(run)
+        });
+        return Ok(());
+    }
+    let result = client
+        .exclusive(|| run_product(problem, &client, index, tensors, vector))
         .map_err(|e| anyhow!("CubeCL's device thread: {e:?}"))
-        .and_then(|r| r)
+        .and_then(|r| r);
+    if result.is_ok() {
+        RAN.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Default::default)
+            .insert(problem);
+    }
+    result
+}
+
+/// Problems (alignments aside) that have run: [`enqueue`] does not wait for them again.
+static RAN: Mutex<Option<std::collections::HashSet<Problem>>> = Mutex::new(None);
+/// An error of a product [`enqueue`] did not wait for, for the next product to report.
+static QUEUED_ERROR: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+
+fn ran(problem: &Problem) -> bool {
+    RAN.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|ran| ran.contains(problem))
+}
+
+/// Whether products that have run once are queued without waiting (`PALM_GEMM_SUBMIT=wait`
+/// says no), read once.
+fn submit_without_waiting() -> bool {
+    static QUEUE: OnceLock<bool> = OnceLock::new();
+    *QUEUE.get_or_init(|| std::env::var("PALM_GEMM_SUBMIT").map_or(true, |v| v != "wait"))
+}
+
+/// [`enqueue`]'s product, on CubeCL's device thread.
+fn run_product(
+    mut problem: Problem,
+    client: &ComputeClient<CudaRuntime>,
+    index: usize,
+    tensors: [&CubeTensor<CudaRuntime>; 3],
+    vector: Option<&CubeTensor<CudaRuntime>>,
+) -> Result<()> {
+    // Errors, not panics: this runs on CubeCL's device thread.
+    let resource = |t: &CubeTensor<CudaRuntime>| {
+        client
+            .get_resource(t.handle.clone())
+            .map_err(|e| anyhow!("a CUDA tensor's memory: {e:?}"))
+    };
+    let held = tensors.map(resource);
+    let [first, second, out] = held;
+    let (first, second, out) = (first?, second?, out?);
+    let rvector = vector.map(resource).transpose()?;
+    let pointers = [
+        first.resource().ptr,
+        second.resource().ptr,
+        out.resource().ptr,
+    ];
+    problem.align = pointers.map(|p| (p & p.wrapping_neg()).min(256) as u32);
+    let vector_ptr = rvector.as_ref().map(|r| r.resource().ptr);
+    let result = match stream::backend_stream(client) {
+        Some(stream) => with_device(index, |d| {
+            d.matmul(&problem, pointers, vector_ptr, Some(stream))
+        }),
+        None => {
+            burn_cubecl::cubecl::future::block_on(client.sync())
+                .map_err(|e| anyhow!("the CUDA stream synchronises: {e:?}"))?;
+            with_device(index, |d| d.matmul(&problem, pointers, vector_ptr, None))
+        }
+    };
+    drop((first, second, out, rvector));
+    result
 }
 
 /// [`cube_product`]'s result without an epilogue: the product, then the bias added or the
@@ -1020,6 +1085,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn products_queued_without_waiting_match_burns_matmul() {
+        // SAFETY: as above (every product routed, read once).
+        unsafe { std::env::set_var("PALM_GEMM_MIN_MACS", "0") };
+        let device = CudaDevice::new(0);
+        let normal = Distribution::Normal(0.0, 1.0);
+        // A shape no other test multiplies: its first product waits for the device thread,
+        // the next ones are queued behind the kernels that make their operands, and kernels
+        // reading their results are queued right behind them.
+        let (m, k, n) = (96, 40, 136);
+        let problems = |ran: &Option<std::collections::HashSet<Problem>>| {
+            ran.as_ref()
+                .map_or(0, |r| r.iter().filter(|p| p.m == n as u64).count())
+        };
+        let (mut ours, mut burns) = (vec![], vec![]);
+        for i in 0..12 {
+            let a = Tensor::<Gpu, 2>::random([m, k], normal, &device) * (i as f32 + 1.0);
+            let b = Tensor::<Gpu, 2>::random([k, n], normal, &device);
+            let y = wrap::<Gpu>(fusion_gemm(unwrap(a.clone()), unwrap(b.clone())));
+            ours.push(y + 1.0);
+            burns.push(a.matmul(b) + 1.0);
+        }
+        assert_eq!(
+            problems(&RAN.lock().unwrap()),
+            1,
+            "one problem, run once waiting"
+        );
+        for (i, (y, r)) in ours.into_iter().zip(burns).enumerate() {
+            eprintln!("product {i}");
+            y.into_data()
+                .assert_approx_eq::<f32>(&r.into_data(), Tolerance::rel_abs(1e-2, 1e-2));
+        }
+        assert!(QUEUED_ERROR.lock().unwrap().is_none());
     }
 
     #[test]
