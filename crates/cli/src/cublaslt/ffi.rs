@@ -23,6 +23,8 @@ use burn_cubecl::cubecl::Runtime;
 use burn_cubecl::cubecl::client::ComputeClient;
 use burn_cubecl::cubecl::cuda::{CudaDevice, CudaRuntime};
 use burn_cubecl::cubecl::device_handle::DeviceHandle;
+use burn_cubecl::cubecl::server::ComputeServer;
+use burn_cubecl::cubecl::stream_id::StreamId;
 use burn_cubecl::tensor::CubeTensor;
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
@@ -372,14 +374,40 @@ fn enqueue(
     }
     let client = tensors[0].client.clone();
     let index = tensors[0].device.index;
-    if submit_without_waiting() && ran(&problem) {
+    // Queued only onto CubeCL's own stream, found earlier for this stream id (the task cannot
+    // drain the device or search for the stream: the device thread's state is borrowed to it).
+    let known_stream = stream::known_stream();
+    if let (true, true, Some(cuda_stream)) = (submit_without_waiting(), ran(&problem), known_stream)
+    {
         let tensors = tensors.map(Clone::clone);
         let vector = vector.cloned();
+        // A raw stream is not `Send`: it crosses to the device thread as a number.
+        let cuda_stream = cuda_stream as usize;
         let handle =
             DeviceHandle::<<CudaRuntime as Runtime>::Server>::new(tensors[0].device.to_id());
-        handle.submit(move |_| {
-            let [a, b, c] = &tensors;
-            if let Err(e) = run_product(problem, &client, index, [a, b, c], vector.as_ref()) {
+        handle.submit(move |server| {
+            // The caller's stream id, which the device thread runs this task under.
+            let id = StreamId::current();
+            let mut resource = |t: &CubeTensor<CudaRuntime>| {
+                server
+                    .get_resource(t.handle.clone().binding(), id)
+                    .map_err(|e| anyhow!("a CUDA tensor's memory: {e:?}"))
+            };
+            let mut run = || -> Result<()> {
+                let held = [
+                    resource(&tensors[0])?,
+                    resource(&tensors[1])?,
+                    resource(&tensors[2])?,
+                ];
+                let vector = vector.as_ref().map(&mut resource).transpose()?;
+                let pointers = held.each_ref().map(|r| r.resource().ptr);
+                let vector_ptr = vector.as_ref().map(|r| r.resource().ptr);
+                let problem = aligned(problem, pointers);
+                with_device(index, |d| {
+                    d.matmul(&problem, pointers, vector_ptr, Some(cuda_stream as _))
+                })
+            };
+            if let Err(e) = run() {
                 *QUEUED_ERROR.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
             }
         });
@@ -417,9 +445,16 @@ fn submit_without_waiting() -> bool {
     *QUEUE.get_or_init(|| std::env::var("PALM_GEMM_SUBMIT").map_or(true, |v| v != "wait"))
 }
 
+/// `problem` with the alignments of the operands and the result at `pointers` (bytes, at
+/// most 256).
+fn aligned(mut problem: Problem, pointers: [u64; 3]) -> Problem {
+    problem.align = pointers.map(|p| (p & p.wrapping_neg()).min(256) as u32);
+    problem
+}
+
 /// [`enqueue`]'s product, on CubeCL's device thread.
 fn run_product(
-    mut problem: Problem,
+    problem: Problem,
     client: &ComputeClient<CudaRuntime>,
     index: usize,
     tensors: [&CubeTensor<CudaRuntime>; 3],
@@ -440,7 +475,7 @@ fn run_product(
         second.resource().ptr,
         out.resource().ptr,
     ];
-    problem.align = pointers.map(|p| (p & p.wrapping_neg()).min(256) as u32);
+    let problem = aligned(problem, pointers);
     let vector_ptr = rvector.as_ref().map(|r| r.resource().ptr);
     let result = match stream::backend_stream(client) {
         Some(stream) => with_device(index, |d| {
@@ -909,6 +944,18 @@ mod stream {
                 None
             }
         });
+        found.map(|s| s as cudaStream_t)
+    }
+
+    /// CubeCL's stream for the calling stream id if [`backend_stream`] has found it (no
+    /// search: callable off the device thread and from its tasks).
+    pub fn known_stream() -> Option<cudaStream_t> {
+        if !wanted() {
+            return None;
+        }
+        let key = StreamId::current().value;
+        let streams = STREAMS.lock().unwrap_or_else(|e| e.into_inner());
+        let found = streams.as_ref()?.get(&key).copied().flatten();
         found.map(|s| s as cudaStream_t)
     }
 
