@@ -32,9 +32,9 @@
 //! kernels (2026-11-30), and training at batches 8 and 64 with their linear layers routed ran
 //! 26% and 19% slower. So only products of at least [`MIN_MACS`] multiply-accumulates are
 //! routed: a training step's at batch 256, where a GEMM takes milliseconds; decoding keeps
-//! burn's kernels. Since a product that has run once is queued without that round trip
-//! (`ffi::enqueue`), training and a training run's validation (the fusion backend) route
-//! products of [`MIN_MACS_FUSED`] and up: every linear layer at batches 8 and 64 too.
+//! burn's kernels. That was the threshold until a product that has run once was queued
+//! without the round trip (`ffi::enqueue`); now it is 2²⁷, which routes every linear layer of
+//! training at batches 8 and 64 and of a beam-search step at batch 64.
 //!
 //! f32 operands run with TF32 tensor-core arithmetic (`CUBLAS_COMPUTE_32F_FAST_TF32`, as
 //! PyTorch with `allow_tf32`, and as burn's own f32 kernels do); bf16 and f16 with f32
@@ -67,20 +67,13 @@ pub fn on_backend_stream() -> Option<bool> {
     None
 }
 
-/// Products smaller than this many multiply-accumulates keep burn's kernels: 2³³ (8.6·10⁹),
-/// so every linear layer of a PALM-base training step at batch 256 (16,384 rows × 768 × 768
-/// and up) goes to cuBLASLt, and a beam-search step at batch 64 (320 rows; its output
-/// projection × 21,128 is 5.2·10⁹) stays on burn's kernels.
+/// Products smaller than this many multiply-accumulates keep burn's kernels: 2²⁷ (1.3·10⁸), so
+/// every linear layer of a training step at batch 8 (1,024 rows × 768 × 768 is 6.0·10⁸) and of
+/// a beam-search step at batch 64 (320 rows, 1.9·10⁸) goes to cuBLASLt, and a beam-search step
+/// at batch 1 (5 rows) stays on burn's kernels. Measured on the H200 (`docs/benchmarks.md`,
+/// item 37): training at batch 64 ran 386.7 samples/s with the earlier 2³³ and 625.9 with this.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub const MIN_MACS: usize = 1 << 33;
-
-/// [`MIN_MACS`] of the fusion backend (training, and a training run's validation), whose
-/// products are queued without a round trip once they have run: 2²⁷ (1.3·10⁸), so every linear
-/// layer of a training step at batch 8 (1,024 rows × 768 × 768 is 6.0·10⁸) goes to cuBLASLt.
-/// Measured on the H200 (`docs/benchmarks.md`, item 37): at batch 64, 386.7 samples/s with
-/// [`MIN_MACS`] against 625.9 with this.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub const MIN_MACS_FUSED: usize = 1 << 27;
+pub const MIN_MACS: usize = 1 << 27;
 
 /// Whether cuBLASLt takes `[m, k] · [k, n]` in `dtype`, for products of at least `min_macs`
 /// multiply-accumulates ([`MIN_MACS`] unless `PALM_GEMM_MIN_MACS` says otherwise: 0 sends
@@ -165,18 +158,15 @@ mod tests {
 
     #[test]
     fn small_and_unsupported_products_keep_burns_kernels() {
-        // Training at batch 256: every linear layer, forward and backward.
+        // Training at batch 256 and at batch 8: every linear layer, forward and backward.
         assert!(routed(DType::F32, 16384, 768, 768, MIN_MACS));
         assert!(routed(DType::BF16, 768, 16384, 768, MIN_MACS));
-        // Beam search at batch 64 (320 rows), its output projection included.
-        assert!(!routed(DType::F32, 320, 768, 21128, MIN_MACS));
+        assert!(routed(DType::BF16, 1024, 768, 768, MIN_MACS));
+        // Beam search at batch 64 (320 rows) and at batch 1 (5 rows).
+        assert!(routed(DType::F32, 320, 768, 768, MIN_MACS));
+        assert!(routed(DType::F32, 320, 768, 21128, MIN_MACS));
         assert!(!routed(DType::F32, 5, 768, 768, MIN_MACS));
         assert!(routed(DType::F32, 5, 768, 768, 0));
-        // Training at batch 8 on the fusion backend: its linear layers, not a decoding
-        // step's single rows.
-        assert!(routed(DType::BF16, 1024, 768, 768, MIN_MACS_FUSED));
-        assert!(!routed(DType::BF16, 1024, 768, 768, MIN_MACS));
-        assert!(!routed(DType::F32, 5, 768, 768, MIN_MACS_FUSED));
         assert!(!routed(DType::F64, 16384, 768, 768, 0));
         // An empty product has no valid cuBLASLt layout.
         assert!(!routed(DType::F32, 0, 768, 768, 0));

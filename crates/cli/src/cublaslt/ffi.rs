@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{DType, Shape, TensorPrimitive};
 
-use super::{MIN_MACS, MIN_MACS_FUSED, Operand, operand, routed};
+use super::{MIN_MACS, Operand, operand, routed};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
@@ -101,17 +101,15 @@ pub fn on_backend_stream() -> Option<bool> {
     IN_STREAM.get().copied()
 }
 
-/// The smallest product routed to cuBLASLt: `PALM_GEMM_MIN_MACS` if set, else
-/// [`MIN_MACS_FUSED`] on the fusion backend (`fused`: training and its validation) and
-/// [`MIN_MACS`] without fusion (inference).
-fn min_macs(fused: bool) -> usize {
-    static SET: OnceLock<Option<usize>> = OnceLock::new();
-    let set = *SET.get_or_init(|| {
+/// [`MIN_MACS`], or `PALM_GEMM_MIN_MACS`.
+fn min_macs() -> usize {
+    static MIN: OnceLock<usize> = OnceLock::new();
+    *MIN.get_or_init(|| {
         std::env::var("PALM_GEMM_MIN_MACS")
             .ok()
             .and_then(|v| v.parse().ok())
-    });
-    set.unwrap_or(if fused { MIN_MACS_FUSED } else { MIN_MACS })
+            .unwrap_or(MIN_MACS)
+    })
 }
 
 fn dims2(dims: &[usize]) -> [usize; 2] {
@@ -169,7 +167,7 @@ fn autodiff_gemm(
 /// products cuBLASLt does not take.
 fn fusion_gemm(a: FusionTensor<FusionR>, b: FusionTensor<FusionR>) -> FusionTensor<FusionR> {
     let ([m, k], [_, n]) = (dims2(&a.shape), dims2(&b.shape));
-    if a.dtype != b.dtype || !routed(a.dtype, m, k, n, min_macs(true)) {
+    if a.dtype != b.dtype || !routed(a.dtype, m, k, n, min_macs()) {
         return Gpu::float_matmul(a, b);
     }
     let dtype = a.dtype;
@@ -253,7 +251,7 @@ fn routed_cube_gemm(
     b: CubeTensor<CudaRuntime>,
 ) -> CubeTensor<CudaRuntime> {
     let ([m, k], [_, n]) = (dims2(a.meta.shape()), dims2(b.meta.shape()));
-    if a.dtype != b.dtype || !routed(a.dtype, m, k, n, min_macs(false)) {
+    if a.dtype != b.dtype || !routed(a.dtype, m, k, n, min_macs()) {
         return Cube::float_matmul(a, b);
     }
     cube_gemm(a, b)

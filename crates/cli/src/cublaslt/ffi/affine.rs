@@ -35,15 +35,15 @@ fn operand_dtype(own: DType) -> DType {
 
 /// Whether the affine map takes `x [m, k] · w [k, n] + bias` into `out`: a bias of `w`'s type
 /// (f32 or bf16), `x` and `out` in that type or the product type, and a product cuBLASLt
-/// takes (`fused`: on the fusion backend, see [`min_macs`]).
-fn takes<B: Backend>((x, w, bias): &AffineOperands<B>, out: DType, fused: bool) -> bool {
+/// takes.
+fn takes<B: Backend>((x, w, bias): &AffineOperands<B>, out: DType) -> bool {
     let ([m, k], [_, n]) = (x.dims(), w.dims());
     let own = w.dtype();
     let operands = operand_dtype(own);
     bias.as_ref().is_some_and(|b| b.dtype() == own)
         && matches!(own, DType::F32 | DType::BF16)
         && [x.dtype(), out].iter().all(|&d| d == own || d == operands)
-        && routed(operands, m, k, n, min_macs(fused))
+        && routed(operands, m, k, n, min_macs())
 }
 
 /// The affine map of the autodiff backend (training).
@@ -52,7 +52,7 @@ pub(super) fn autodiff(
     out: FloatDType,
 ) -> Result<Tensor<Autodiff<Gpu>, 2>, Box<AffineOperands<Autodiff<Gpu>>>> {
     let out: DType = out.into();
-    if !takes(&operands, out, true) {
+    if !takes(&operands, out) {
         return Err(Box::new(operands));
     }
     let (x, w, bias) = operands;
@@ -116,7 +116,7 @@ pub(super) fn fusion(
     out: FloatDType,
 ) -> Result<Tensor<Gpu, 2>, Box<AffineOperands<Gpu>>> {
     let out: DType = out.into();
-    if !takes(&operands, out, true) {
+    if !takes(&operands, out) {
         return Err(Box::new(operands));
     }
     let (x, w, bias) = operands;
@@ -133,7 +133,7 @@ pub(super) fn cube(
     out: FloatDType,
 ) -> Result<Tensor<Cube, 2>, Box<AffineOperands<Cube>>> {
     let out: DType = out.into();
-    if !takes(&operands, out, false) {
+    if !takes(&operands, out) {
         return Err(Box::new(operands));
     }
     let (x, w, bias) = operands;

@@ -208,7 +208,7 @@ pub(super) fn autodiff_keeping(
     if [bs, hs, k] != [b2, h2, k2]
         || b.dtype() != own
         || !matches!(own, DType::F32 | DType::BF16)
-        || !routed(operands, 1, 1, macs, min_macs(true).min(MIN_MACS))
+        || !routed(operands, 1, 1, macs, min_macs().min(MIN_MACS))
     {
         return Err(Box::new((a, b)));
     }
