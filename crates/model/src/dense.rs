@@ -84,7 +84,9 @@ pub fn product<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> 
 /// [`product_dtype`], made while the parameter's update is still queued so that a fusing
 /// backend writes both in one kernel, for the next forward pass's products to read in place
 /// of a cast of their own (under `bf16-mixed` about 300 casts a training step otherwise: every
-/// weight, and the bias of every layer whose result stays in bf16).
+/// weight, and the bias of every layer whose result stays in bf16). None is set by default: the
+/// CUDA binary's (`PALM_SHADOW=on`) removed those launches but took the host longer to issue
+/// the step (`docs/benchmarks.md`, item 35).
 pub type Shadow<B> = fn(FloatTensor<B>);
 
 static SHADOWS: PerBackend = PerBackend::new();

@@ -1,6 +1,8 @@
 //! The optimizer of a run: AdamW with PyTorch's defaults, handing every parameter it writes
-//! to the backend's [`shadow`](palm_model::dense::shadow) hook (mixed precision on CUDA keeps
-//! the parameter's bf16 copy there, made in the same fused kernel as the update).
+//! to the backend's [`shadow`](palm_model::dense::shadow) hook, where one is set: on CUDA under
+//! `bf16-mixed`, opt-in (`PALM_SHADOW=on`), the parameter's bf16 copy, made in the same fused
+//! kernel as the update (measured slower than casting at each use: `docs/benchmarks.md`, item
+//! 35).
 
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
