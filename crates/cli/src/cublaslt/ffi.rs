@@ -402,10 +402,7 @@ fn enqueue(
                 let vector = vector.as_ref().map(&mut resource).transpose()?;
                 let pointers = held.each_ref().map(|r| r.resource().ptr);
                 let vector_ptr = vector.as_ref().map(|r| r.resource().ptr);
-                let problem = aligned(problem, pointers);
-                with_device(index, |d| {
-                    d.matmul(&problem, pointers, vector_ptr, Some(cuda_stream as _))
-                })
+                matmul_at(problem, index, pointers, vector_ptr, Some(cuda_stream as _))
             };
             if let Err(e) = run() {
                 *QUEUED_ERROR.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
@@ -445,11 +442,18 @@ fn submit_without_waiting() -> bool {
     *QUEUE.get_or_init(|| std::env::var("PALM_GEMM_SUBMIT").map_or(true, |v| v != "wait"))
 }
 
-/// `problem` with the alignments of the operands and the result at `pointers` (bytes, at
-/// most 256).
-fn aligned(mut problem: Problem, pointers: [u64; 3]) -> Problem {
+/// Runs `problem` on device `index` for the operands and the result at `pointers` (their
+/// alignments read from them, at most 256 bytes) and the bias or its gradient at `vector`, on
+/// `stream` (`None`: this module's own, after the caller has drained CubeCL's).
+fn matmul_at(
+    mut problem: Problem,
+    index: usize,
+    pointers: [u64; 3],
+    vector: Option<u64>,
+    stream: Option<sys::cudaStream_t>,
+) -> Result<()> {
     problem.align = pointers.map(|p| (p & p.wrapping_neg()).min(256) as u32);
-    problem
+    with_device(index, |d| d.matmul(&problem, pointers, vector, stream))
 }
 
 /// [`enqueue`]'s product, on CubeCL's device thread.
@@ -475,18 +479,13 @@ fn run_product(
         second.resource().ptr,
         out.resource().ptr,
     ];
-    let problem = aligned(problem, pointers);
     let vector_ptr = rvector.as_ref().map(|r| r.resource().ptr);
-    let result = match stream::backend_stream(client) {
-        Some(stream) => with_device(index, |d| {
-            d.matmul(&problem, pointers, vector_ptr, Some(stream))
-        }),
-        None => {
-            burn_cubecl::cubecl::future::block_on(client.sync())
-                .map_err(|e| anyhow!("the CUDA stream synchronises: {e:?}"))?;
-            with_device(index, |d| d.matmul(&problem, pointers, vector_ptr, None))
-        }
-    };
+    let stream = stream::backend_stream(client);
+    if stream.is_none() {
+        burn_cubecl::cubecl::future::block_on(client.sync())
+            .map_err(|e| anyhow!("the CUDA stream synchronises: {e:?}"))?;
+    }
+    let result = matmul_at(problem, index, pointers, vector_ptr, stream);
     drop((first, second, out, rvector));
     result
 }
