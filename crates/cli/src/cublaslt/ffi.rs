@@ -376,9 +376,8 @@ fn enqueue(
     let index = tensors[0].device.index;
     // Queued only onto CubeCL's own stream, found earlier for this stream id (the task cannot
     // drain the device or search for the stream: the device thread's state is borrowed to it).
-    let known_stream = stream::known_stream();
-    if let (true, true, Some(cuda_stream)) = (submit_without_waiting(), ran(&problem), known_stream)
-    {
+    let queued = submit_without_waiting() && ran(&problem);
+    if let Some(cuda_stream) = queued.then(stream::known_stream).flatten() {
         let tensors = tensors.map(Clone::clone);
         let vector = vector.cloned();
         // A raw stream is not `Send`: it crosses to the device thread as a number.

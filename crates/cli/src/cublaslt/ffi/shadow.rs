@@ -4,8 +4,8 @@
 //! the layers whose results stay in bf16 their bias too: about 300 launches a training step, on
 //! a step the host's cost per launch bounds. The optimizer's [`Shadowing`] step hands each
 //! parameter it writes to [`store`], which queues its cast right behind the update, where
-//! fusion writes both from one kernel; the training forward pass [`take`]s the copy instead
-//! of casting (once: a copy serves one use, and a second use casts as before).
+//! fusion writes both from one kernel; the training forward pass takes the copy
+//! ([`take_or_cast`]) instead of casting (once: a copy serves one use, and a second use casts as before).
 //!
 //! Opt-in (`PALM_SHADOW=on`): on the H200 it removed 304 of 3,099 launches a step at batch
 //! 256 and the casts' device time, but the host took longer to issue the step (207 → 250 ms),
@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::DType;
 use burn::tensor::ops::FloatTensorOps;
@@ -33,6 +34,9 @@ struct Shadows {
 }
 
 static SHADOWS: Mutex<Option<Shadows>> = Mutex::new(None);
+/// Whether [`store`] has kept a copy: until then (always, with the switch off) a use casts
+/// without taking the lock.
+static STORED: AtomicBool = AtomicBool::new(false);
 
 fn with<T>(f: impl FnOnce(&mut Shadows) -> T) -> T {
     let mut guard = SHADOWS.lock().unwrap_or_else(|e| e.into_inner());
@@ -49,6 +53,7 @@ pub(super) fn store(param: FusionTensor<FusionR>) {
     }
     let id = param.id;
     let copy = Gpu::float_cast(param, dtype.into());
+    STORED.store(true, Ordering::Relaxed);
     with(|s| {
         if std::mem::take(&mut s.taken) {
             s.copies.clear();
@@ -62,6 +67,9 @@ pub(super) fn store(param: FusionTensor<FusionR>) {
 pub(super) fn take_or_cast(t: FusionTensor<FusionR>, dtype: DType) -> FusionTensor<FusionR> {
     if t.dtype == dtype {
         return t;
+    }
+    if !STORED.load(Ordering::Relaxed) {
+        return Gpu::float_cast(t, dtype.into());
     }
     let copy = with(|s| {
         s.taken = true;
