@@ -9,9 +9,11 @@
 # Knobs (environment): PRECISIONS and MODES (palm's and PyTorch's float settings),
 # TRAIN_BATCHES, NODROP_BATCHES (also without dropout on both sides), DECODE=0 (training
 # only), TRAIN=0 (palm's decoding only), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks),
+# FIXTURE_DEVICES (default "cpu cuda cublaslt"; cpu is the reference and must stay),
 # DEMO_ARGS, PROFILE_PARTS (train and/or decode), SAVE_CACHE=0, *_TIMEOUT, TRACE=1 (palm's
 # part also writes each kernel's device time after its timed steps: `palm bench --trace`,
-# $OUT/trace_{train,decode}_PREC.jsonl); palm's own
+# $OUT/trace_{train,decode}_PREC.jsonl), HOST_PROFILE=1 (palm's part also samples the host's
+# stacks over the timed steps: `palm bench --host-profile`, $OUT/host/*.folded); palm's own
 # switches pass through (PALM_GEMM=burn, PALM_BACKWARD=burn, PALM_GEMM_MIN_MACS,
 # PALM_CROSS_ATTENTION=decomposed, PALM_FUSION=1, PALM_KERNELS=burn, PALM_GEMM_STREAM=own,
 # PALM_AFFINE=composed, PALM_FFN=wide, PALM_ATTENTION=wide, PALM_ATTENTION_GEMM=burn|recopy,
@@ -143,7 +145,7 @@ if [[ $PART == all || ($PART == checks && ${FIXTURE:-1} == 1) ]]; then
 print(''.join(json.dumps({'src': s, 'tgt': t}, ensure_ascii=False) + '\n' for s, t in zip(g['src'], g['tgt'])), end='')" > "$W/eval.jsonl"
     # cuda: the fixture's products are below cuBLASLt's size threshold (burn's kernels);
     # cublaslt: every product through cuBLASLt (PALM_GEMM_MIN_MACS=0).
-    for d in cpu cuda cublaslt; do
+    for d in ${FIXTURE_DEVICES:-cpu cuda cublaslt}; do
         dev=${d/cublaslt/cuda}
         min=$([[ $d == cublaslt ]] && echo 0)
         PALM_GEMM_MIN_MACS=$min timeout ${CHECK_TIMEOUT:-600} $PALM score --model $M --input "$W/eval.jsonl" --device $dev \
@@ -195,14 +197,16 @@ if [[ $PART == all || $PART == palm ]]; then
     for prec in ${PRECISIONS:-f32 bf16-mixed bf16}; do
         [[ ${TRAIN:-1} == 1 ]] && peak timeout ${TRAIN_TIMEOUT:-240} $PALM bench train --device cuda \
             --precision $prec --batch-size ${TRAIN_BATCHES:-8,64,256} --steps 10 --warmup-steps 3 \
-            ${TRACE:+--trace-steps 2 --trace "$OUT/trace_train_$prec.jsonl"} >> "$R" 2>> "$L"
+            ${TRACE:+--trace-steps 2 --trace "$OUT/trace_train_$prec.jsonl"} \
+            ${HOST_PROFILE:+--host-profile "$OUT/host"} >> "$R" 2>> "$L"
         # NODROP_BATCHES: the same without dropout on either side (torch_palm.py --dropout 0).
         [[ -n ${NODROP_BATCHES:-} ]] && peak timeout ${TRAIN_TIMEOUT:-240} $PALM bench train \
             --device cuda --precision $prec --dropout 0 --batch-size $NODROP_BATCHES --steps 10 \
             --warmup-steps 3 >> "$R" 2>> "$L"
         [[ ${DECODE:-1} == 1 ]] && peak timeout ${DECODE_TIMEOUT:-150} $PALM bench decode --device cuda \
             --precision $prec --batch-size 1,64 --steps 3 --warmup-steps 1 \
-            ${TRACE:+--trace-steps 1 --trace "$OUT/trace_decode_$prec.jsonl"} >> "$R" 2>> "$L"
+            ${TRACE:+--trace-steps 1 --trace "$OUT/trace_decode_$prec.jsonl"} \
+            ${HOST_PROFILE:+--host-profile "$OUT/host"} >> "$R" 2>> "$L"
     done
 fi
 if [[ $PART == all || $PART == torch ]]; then

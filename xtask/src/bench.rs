@@ -54,6 +54,9 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 }
 
+/// The features of the GPU machine's binary: the CUDA backend and the host sampler.
+const GPU_FEATURES: &str = "cuda,host-profile";
+
 /// Builds the CUDA binary into `.devcarry/palm` (ignored by git, carried to the GPU machine)
 /// and prints the one command that runs palm and the PyTorch reference side by side there
 /// (`xtask/bench/gpu.sh`); its `results.jsonl` feeds `docs/benchmarks.md`.
@@ -66,7 +69,7 @@ fn gpu(args: &[String]) -> Result<()> {
             "-p",
             "palm",
             "--features",
-            "cuda",
+            GPU_FEATURES,
         ]))?;
         let carry = root.join(".devcarry");
         std::fs::create_dir_all(&carry).context(".devcarry")?;
@@ -82,8 +85,10 @@ fn gpu(args: &[String]) -> Result<()> {
             files.push("palm-unit");
         }
         for file in files {
-            crate::run(Command::new("strip").arg(carry.join(file)))?;
-            // Gzipped, both binaries (16 and 7 MB) and a kernel cache fit the device tool's
+            // Without the debug information but with the symbols, which name the frames of
+            // `palm bench --host-profile` (81 MB; 22 MB gzipped).
+            crate::run(Command::new("strip").arg("--strip-debug").arg(carry.join(file)))?;
+            // Gzipped, both binaries (22 and 8 MB) and a kernel cache fit the device tool's
             // 64 MiB carry.
             crate::run(Command::new("gzip").arg("-f").arg(carry.join(file)))?;
         }
@@ -110,7 +115,7 @@ fn cuda_unit_tests() -> Result<PathBuf> {
             "-p",
             "palm",
             "--features",
-            "cuda",
+            GPU_FEATURES,
             "--bins",
         ])
         .args(["--no-run", "--message-format=json"])

@@ -74,7 +74,12 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
 
 /// The workspace root.
 pub(crate) fn root() -> PathBuf {
-    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // `cargo run` sets CARGO_MANIFEST_DIR for the process too: prefer it to the one compiled
+    // in, which names the clone that built this binary when clones share a target directory.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let here = manifest.join("..");
     here.canonicalize().unwrap_or(here)
 }
 

@@ -57,6 +57,11 @@ pub struct Args {
     /// Training: read the losses every N steps (1: every step, as `palm train` does).
     #[arg(long, default_value_t = 1)]
     read_every: usize,
+    /// Sample the host's stacks (every thread, on the CPU) while it runs the timed steps and
+    /// write them to DIR/<train|decode>_<precision>_b<batch>.folded, one line per stack
+    /// (palm built with the `host-profile` feature, as `cargo xtask bench gpu` builds it).
+    #[arg(long, value_name = "DIR")]
+    host_profile: Option<std::path::PathBuf>,
     /// Steps (training) or beam searches (decoding) traced with --trace.
     #[arg(long, default_value_t = 3)]
     trace_steps: usize,
@@ -76,6 +81,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.trace.is_some() && (!args.device.device.starts_with("cuda") || args.trace_steps == 0) {
         bail!("--trace needs --device cuda and --trace-steps of at least 1");
+    }
+    if args.host_profile.is_some() && !crate::host_profile::AVAILABLE {
+        bail!("--host-profile needs a palm built with the `host-profile` feature");
     }
     if args.what == "decode" {
         dispatch_inference!(target, decode(&args))
@@ -147,6 +155,21 @@ fn gemm_route<B: Backend>() -> &'static str {
     } else {
         "cublaslt"
     }
+}
+
+/// The host sampler for one part (`--host-profile`), if asked for.
+fn host_sampler(
+    args: &Args,
+    what: &str,
+    batch: usize,
+) -> Result<Option<crate::host_profile::Sampler>> {
+    args.host_profile
+        .as_deref()
+        .map(|dir| {
+            let part = format!("{what}_{}_b{batch}", args.device.precision);
+            crate::host_profile::start(dir, &part)
+        })
+        .transpose()
 }
 
 /// Runs `work` `args.trace_steps` times with every kernel recorded, then waits for the device
@@ -239,6 +262,7 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
         // host waits on a loss): near the whole step when the host is the bound, as on the
         // GPU at small batches, where the device idles between launches.
         let mut issuing = 0.0;
+        let sampler = host_sampler(args, "train", batch)?;
         for i in 0..args.steps {
             let t = Instant::now();
             let (m, loss) = step(model);
@@ -258,6 +282,7 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
             }
         }
         let secs = start.elapsed().as_secs_f64();
+        let host_samples = sampler.map(|s| s.finish()).transpose()?;
         let samples = (batch * args.steps) as f64 / secs;
         emit(serde_json::json!({
             "bench": "train",
@@ -280,6 +305,7 @@ fn train<B: AutodiffBackend>(device: &B::Device, args: &Args) -> Result<()> {
             "dropout": args.dropout.map_or(serde_json::json!("reference"), |p| p.into()),
             "gemm": gemm_route::<B>(),
             "read_every": args.read_every,
+            "host_profile_samples": host_samples,
         }))?;
         if args.trace.is_some() {
             let mut current = Some(model);
@@ -326,6 +352,7 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
         let cold = cold.elapsed().as_secs_f64();
         let start = Instant::now();
         let mut tokens = 0usize;
+        let sampler = host_sampler(args, "decode", batch)?;
         for _ in 0..args.steps {
             tokens += beam_search(&model, src.clone(), &beam)
                 .iter()
@@ -333,6 +360,7 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
                 .sum::<usize>();
         }
         let secs = start.elapsed().as_secs_f64();
+        let host_samples = sampler.map(|s| s.finish()).transpose()?;
         emit(serde_json::json!({
             "bench": "decode",
             "impl": "palm",
@@ -354,6 +382,7 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
             } else {
                 "decomposed"
             },
+            "host_profile_samples": host_samples,
         }))?;
         if args.trace.is_some() {
             traces.push(traced::<B>(device, args, batch, || {

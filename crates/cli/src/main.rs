@@ -7,6 +7,7 @@ mod device;
 mod eval;
 mod export;
 mod generate;
+mod host_profile;
 #[cfg(feature = "cuda")]
 mod kernels;
 mod model_dir;
