@@ -9,8 +9,8 @@
 # Knobs (environment): PRECISIONS and MODES (palm's and PyTorch's float settings),
 # TRAIN_BATCHES, NODROP_BATCHES (also without dropout on both sides), DECODE=0 (training
 # only), TRAIN=0 (palm's decoding only), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks),
-# FIXTURE_DEVICES (default "cpu cuda cublaslt"; cpu is the reference and must stay),
-# DEMO_ARGS, PROFILE_PARTS (train and/or decode), SAVE_CACHE=0, *_TIMEOUT, TRACE=1 (palm's
+# FIXTURE_DEVICES (default "cpu cuda burn"; cpu is the reference and must stay),
+# DEMO_ARGS, DECODE_ARGS (more `palm bench decode` flags, e.g. --reads every-step), PROFILE_PARTS (train and/or decode), SAVE_CACHE=0, *_TIMEOUT, TRACE=1 (palm's
 # part also writes each kernel's device time after its timed steps: `palm bench --trace`,
 # $OUT/trace_{train,decode}_PREC.jsonl), HOST_PROFILE=1 (palm's part also samples the host's
 # stacks over the timed steps: `palm bench --host-profile`, $OUT/host/*.folded); palm's own
@@ -143,23 +143,23 @@ if [[ $PART == all || ($PART == checks && ${FIXTURE:-1} == 1) ]]; then
     M=crates/model/tests/fixtures/unseen
     python3 -c "import json; g=json.load(open('$M/golden.json'))
 print(''.join(json.dumps({'src': s, 'tgt': t}, ensure_ascii=False) + '\n' for s, t in zip(g['src'], g['tgt'])), end='')" > "$W/eval.jsonl"
-    # cuda: the fixture's products are below cuBLASLt's size threshold (burn's kernels);
-    # cublaslt: every product through cuBLASLt (PALM_GEMM_MIN_MACS=0).
-    for d in ${FIXTURE_DEVICES:-cpu cuda cublaslt}; do
-        dev=${d/cublaslt/cuda}
-        min=$([[ $d == cublaslt ]] && echo 0)
-        PALM_GEMM_MIN_MACS=$min timeout ${CHECK_TIMEOUT:-600} $PALM score --model $M --input "$W/eval.jsonl" --device $dev \
+    # cuda: the default, every product through cuBLASLt; burn: burn's kernels for every
+    # product (PALM_GEMM=burn).
+    for d in ${FIXTURE_DEVICES:-cpu cuda burn}; do
+        dev=${d/burn/cuda}
+        gemm=$([[ $d == burn ]] && echo burn)
+        PALM_GEMM=$gemm timeout ${CHECK_TIMEOUT:-600} $PALM score --model $M --input "$W/eval.jsonl" --device $dev \
             --output "$W/score_$d.jsonl" 2>> "$L"
-        PALM_GEMM_MIN_MACS=$min timeout ${CHECK_TIMEOUT:-600} $PALM generate --model $M --input "$W/eval.jsonl" --device $dev \
+        PALM_GEMM=$gemm timeout ${CHECK_TIMEOUT:-600} $PALM generate --model $M --input "$W/eval.jsonl" --device $dev \
             --beam-size 4 --alpha 0.95 --min-length 3 --max-length 24 --batch-size 16 \
             --output "$W/gen_$d.jsonl" >> "$L" 2>&1
     done
-    python3 - "$W" >> "$R" <<'PY'
+    python3 - "$W" ${FIXTURE_DEVICES:-cpu cuda burn} >> "$R" <<'PY'
 import json, sys
 w = sys.argv[1]
 rows = lambda f: [json.loads(l) for l in open(f"{w}/{f}")]
 cpu = rows("score_cpu.jsonl")
-for d in ("cuda", "cublaslt"):
+for d in (d for d in sys.argv[2:] if d != "cpu"):
     try:
         gpu = rows(f"score_{d}.jsonl")
     except (OSError, ValueError) as e:
@@ -204,7 +204,7 @@ if [[ $PART == all || $PART == palm ]]; then
             --device cuda --precision $prec --dropout 0 --batch-size $NODROP_BATCHES --steps 10 \
             --warmup-steps 3 >> "$R" 2>> "$L"
         [[ ${DECODE:-1} == 1 ]] && peak timeout ${DECODE_TIMEOUT:-150} $PALM bench decode --device cuda \
-            --precision $prec --batch-size 1,64 --steps 3 --warmup-steps 1 \
+            --precision $prec --batch-size 1,64 --steps 3 --warmup-steps 1 ${DECODE_ARGS:-} \
             ${TRACE:+--trace-steps 1 --trace "$OUT/trace_decode_$prec.jsonl"} \
             ${HOST_PROFILE:+--host-profile "$OUT/host"} >> "$R" 2>> "$L"
     done

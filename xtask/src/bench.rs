@@ -87,7 +87,11 @@ fn gpu(args: &[String]) -> Result<()> {
         for file in files {
             // Without the debug information but with the symbols, which name the frames of
             // `palm bench --host-profile` (81 MB; 22 MB gzipped).
-            crate::run(Command::new("strip").arg("--strip-debug").arg(carry.join(file)))?;
+            crate::run(
+                Command::new("strip")
+                    .arg("--strip-debug")
+                    .arg(carry.join(file)),
+            )?;
             // Gzipped, both binaries (22 and 8 MB) and a kernel cache fit the device tool's
             // 64 MiB carry.
             crate::run(Command::new("gzip").arg("-f").arg(carry.join(file)))?;

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use palm_decode::{BeamConfig, beam_search};
+use palm_decode::{BeamConfig, Reads, beam_search_with};
 use palm_model::{ModelConfig, Palm};
 use palm_train::batch::PalmBatch;
 use palm_train::model::PalmTraining;
@@ -45,6 +45,10 @@ pub struct Args {
     /// Forced decoding steps (EOS is blocked until then).
     #[arg(long, default_value_t = 32)]
     decode_steps: usize,
+    /// Decoding: read the beams' choices back only where a source can finish (deferred) or
+    /// after every step.
+    #[arg(long, default_value = "deferred", value_parser = ["deferred", "every-step"])]
+    reads: String,
     /// Training dropout of the encoder (hidden and attention) and the decoder, as `palm train
     /// --dropout` sets it; without it, the preset's (the reference's training dropouts).
     #[arg(long)]
@@ -339,6 +343,14 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
             eos: 102,
         };
         let src = ids::<B>(batch, args.src_len, 3, 106, vocab, device);
+        let reads = if args.reads == "every-step" {
+            Reads::EveryStep
+        } else {
+            Reads::Deferred
+        };
+        let beam_search = |model: &Palm<B>, src: Tensor<B, 2, Int>, beam: &BeamConfig| {
+            beam_search_with(model, src, beam, reads)
+        };
         let cold = Instant::now();
         for i in 0..args.warmup_steps {
             let t = Instant::now();
@@ -371,6 +383,7 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
             "beam": args.beam_size,
             "src_len": args.src_len,
             "decode_steps": args.decode_steps,
+            "reads": args.reads,
             "tokens_per_s": tokens as f64 / secs,
             "generated_tokens": tokens,
             "warmup_s": cold,

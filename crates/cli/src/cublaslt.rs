@@ -30,11 +30,11 @@
 //! search, bound by those two threads rather than by the device, lost by it: at batch 64 with
 //! every product of a step routed on CubeCL's stream, 3,080 tokens/s against 5,022 on burn's
 //! kernels (2026-11-30), and training at batches 8 and 64 with their linear layers routed ran
-//! 26% and 19% slower. So only products of at least [`MIN_MACS`] multiply-accumulates are
-//! routed: a training step's at batch 256, where a GEMM takes milliseconds; decoding keeps
+//! 26% and 19% slower. So only products of at least [`MIN_MACS`] multiply-accumulates were
+//! routed: a training step's at batch 256, where a GEMM takes milliseconds; decoding kept
 //! burn's kernels. That was the threshold until a product that has run once was queued
-//! without the round trip (`ffi::enqueue`); now it is 2²⁷, which routes every linear layer of
-//! training at batches 8 and 64 and of a beam-search step at batch 64.
+//! without the round trip (`ffi::enqueue`); then 2²⁷ (every linear layer of training at
+//! batches 8 and 64 and of a beam-search step at batch 64), and now every product.
 //!
 //! f32 operands run with TF32 tensor-core arithmetic (`CUBLAS_COMPUTE_32F_FAST_TF32`, as
 //! PyTorch with `allow_tf32`, and as burn's own f32 kernels do); bf16 and f16 with f32
@@ -67,13 +67,16 @@ pub fn on_backend_stream() -> Option<bool> {
     None
 }
 
-/// Products smaller than this many multiply-accumulates keep burn's kernels: 2²⁷ (1.3·10⁸), so
-/// every linear layer of a training step at batch 8 (1,024 rows × 768 × 768 is 6.0·10⁸) and of
-/// a beam-search step at batch 64 (320 rows, 1.9·10⁸) goes to cuBLASLt, and a beam-search step
-/// at batch 1 (5 rows) stays on burn's kernels. Measured on the H200 (`docs/benchmarks.md`,
-/// item 37): training at batch 64 ran 386.7 samples/s with the earlier 2³³ and 625.9 with this.
+/// Products smaller than this many multiply-accumulates keep burn's kernels
+/// (`PALM_GEMM_MIN_MACS` overrides it): none, every product goes to cuBLASLt. Measured on the
+/// H200 (`docs/benchmarks.md`, items 37 and 39): training at batch 64 ran 386.7 samples/s with
+/// 2³³ and 625.9 with 2²⁷; with every product routed, in one command against 2²⁷, training
+/// went 73.0 → 81.2, 597.1 → 659.7 and 1,355.3 → 1,397.6 samples/s at batches 8, 64 and 256,
+/// and beam search at batch 64 6,621.9 → 6,800.1 tokens/s. The products left to burn at 2²⁷
+/// were small (a beam-search step's at batch 1, attention's at batch 8), and burn's autotuned
+/// matmul costs fusion's thread more host time per call than a cuBLASLt call does.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub const MIN_MACS: usize = 1 << 27;
+pub const MIN_MACS: usize = 0;
 
 /// Whether cuBLASLt takes `[m, k] · [k, n]` in `dtype`, for products of at least `min_macs`
 /// multiply-accumulates ([`MIN_MACS`] unless `PALM_GEMM_MIN_MACS` says otherwise: 0 sends
@@ -165,8 +168,10 @@ mod tests {
         // Beam search at batch 64 (320 rows) and at batch 1 (5 rows).
         assert!(routed(DType::F32, 320, 768, 768, MIN_MACS));
         assert!(routed(DType::F32, 320, 768, 21128, MIN_MACS));
-        assert!(!routed(DType::F32, 5, 768, 768, MIN_MACS));
-        assert!(routed(DType::F32, 5, 768, 768, 0));
+        assert!(routed(DType::F32, 5, 768, 768, MIN_MACS));
+        // A threshold (PALM_GEMM_MIN_MACS) keeps the smaller products on burn's kernels.
+        assert!(!routed(DType::F32, 5, 768, 768, 1 << 27));
+        assert!(routed(DType::F32, 320, 768, 768, 1 << 27));
         assert!(!routed(DType::F64, 16384, 768, 768, 0));
         // An empty product has no valid cuBLASLt layout.
         assert!(!routed(DType::F32, 0, 768, 768, 0));

@@ -95,6 +95,7 @@ impl Sampler {
 }
 
 /// A symbol without the `::h<16 hex digits>` hash that Rust's legacy mangling appends.
+#[cfg_attr(not(feature = "host-profile"), allow(dead_code))]
 fn unhashed(name: &str) -> &str {
     match name.rsplit_once("::h") {
         Some((head, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use burn_ndarray::{NdArray, NdArrayDevice};
-use palm_decode::{BeamConfig, beam_search};
+use palm_decode::{BeamConfig, Reads, beam_search, beam_search_with};
 use palm_model::{ModelConfig, Palm, import};
 use serde_json::Value;
 
@@ -126,6 +126,33 @@ fn min_and_max_length_bound_the_output() {
     c.min_length = 0;
     c.max_length = 2;
     assert!(beam_search(&model, src, &c)[0].tokens.len() <= 2);
+}
+
+#[test]
+fn deferred_reads_give_the_hypotheses_of_a_read_every_step() {
+    // Deferred steps choose the cache rows, tokens and scores on the device; the host reads
+    // them at min_length. Same tokens and bit-identical scores, with sources finishing at
+    // different steps after min_length, forced lengths (min = max) and greedy search.
+    let (model, g) = setup();
+    let n = g["src_ids"].as_array().unwrap().len();
+    let rows: Vec<Vec<i64>> = (0..n).map(|i| source(&g, i)).collect();
+    for (beam, min, max) in [(3, 4, 12), (4, 9, 9), (1, 3, 8), (2, 0, 6)] {
+        let mut c = config(&g, beam);
+        c.min_length = min;
+        c.max_length = max;
+        let every = beam_search_with(&model, batch(&rows), &c, Reads::EveryStep);
+        let deferred = beam_search_with(&model, batch(&rows), &c, Reads::Deferred);
+        assert_eq!(every.len(), n);
+        for (i, (a, b)) in every.iter().zip(&deferred).enumerate() {
+            assert_eq!(a.tokens, b.tokens, "beam {beam}, {min}..{max}, example {i}");
+            assert_eq!(
+                a.score.to_bits(),
+                b.score.to_bits(),
+                "beam {beam}, {min}..{max}, example {i}"
+            );
+            assert!(a.tokens.len() >= min.min(max) && a.tokens.len() <= max);
+        }
+    }
 }
 
 #[test]

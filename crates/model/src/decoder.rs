@@ -301,8 +301,16 @@ impl<B: Backend> DecoderCache<B> {
                 l.memory_keys = l.memory_keys.clone().select(0, src.clone());
                 l.memory_values = l.memory_values.clone().select(0, src.clone());
             }
-            l.self_keys = l.self_keys.take().map(|k| k.select(0, rows.clone()));
-            l.self_values = l.self_values.take().map(|v| v.select(0, rows.clone()));
+        }
+        self.select_rows(rows);
+    }
+
+    /// [`DecoderCache::select`] with every source kept and the row origins `[rows]` on the
+    /// device: new row `r` continues from current row `origins[r]`.
+    pub fn select_rows(&mut self, origins: Tensor<B, 1, Int>) {
+        for l in &mut self.layers {
+            l.self_keys = l.self_keys.take().map(|k| k.select(0, origins.clone()));
+            l.self_values = l.self_values.take().map(|v| v.select(0, origins.clone()));
         }
     }
 }
