@@ -28,11 +28,11 @@ pub struct Sampler {
 
 /// Starts sampling for the part written to `dir/<part>.folded`.
 pub fn start(dir: &Path, part: &str) -> Result<Sampler> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating the host profile directory {}", dir.display()))?;
     let path = dir.join(format!("{part}.folded"));
     #[cfg(feature = "host-profile")]
     {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the host profile directory {}", dir.display()))?;
         let guard = pprof::ProfilerGuardBuilder::default()
             .frequency(HZ)
             .build()
@@ -162,7 +162,9 @@ mod tests {
     #[test]
     fn without_the_feature_starting_is_one_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let err = start(dir.path(), "train_b8").err().expect("an error");
+        let out = dir.path().join("profiles");
+        let err = start(&out, "train_b8").err().expect("an error");
         assert!(err.to_string().contains("host-profile"), "{err}");
+        assert!(!out.exists(), "nothing is written without the feature");
     }
 }
