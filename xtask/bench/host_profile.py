@@ -3,10 +3,12 @@
 
 Usage: host_profile.py FILE.folded [--top N] [--thread SUBSTRING]
 
-Prints the samples per thread, then for the busiest thread (or the one named) the functions
-with the most samples inclusive (anywhere on the stack, counted once per sample) and exclusive
-(the leaf), as percentages of that thread's samples. Generic parameters are dropped from the
-names so that monomorphized copies add up.
+Prints the samples per thread, then for each thread with at least a tenth of the samples (or
+the one named) the functions with the most samples inclusive (anywhere on the stack, counted
+once per sample) and exclusive (the leaf), as percentages of that thread's samples. Generic
+parameters are dropped from the names so that monomorphized copies add up. burn 0.21 runs a
+step on three threads: the caller (`palm`), fusion's server (`DSU-…`) and CubeCL's device
+thread (`DSD-…`).
 """
 import argparse
 import collections
@@ -49,7 +51,12 @@ def main():
     print(f"{a.file}: {total} samples")
     for t, n in threads.most_common(8):
         print(f"  thread {t}: {n} ({100 * n / total:.1f}%)")
-    pick = a.thread or threads.most_common(1)[0][0]
+    picks = [a.thread] if a.thread else [t for t, n in threads.most_common() if n * 10 >= total]
+    for pick in picks:
+        summarize(stacks, pick, a.top)
+
+
+def summarize(stacks, pick, top):
     incl, excl = collections.Counter(), collections.Counter()
     n_thread = 0
     for t, frames, n in stacks:
@@ -61,10 +68,10 @@ def main():
         if frames:
             excl[frames[-1]] += n
     print(f"thread {pick}: {n_thread} samples; inclusive:")
-    for fr, n in incl.most_common(a.top):
+    for fr, n in incl.most_common(top):
         print(f"  {100 * n / n_thread:5.1f}%  {fr[:150]}")
     print("exclusive:")
-    for fr, n in excl.most_common(a.top // 2):
+    for fr, n in excl.most_common(top // 2):
         print(f"  {100 * n / n_thread:5.1f}%  {fr[:150]}")
 
 
