@@ -9,9 +9,10 @@
 # Knobs (environment): PRECISIONS and MODES (palm's and PyTorch's float settings),
 # TRAIN_BATCHES, NODROP_BATCHES (also without dropout on both sides), DECODE=0 (training
 # only), TRAIN=0 (palm's decoding only), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks),
-# FIXTURE_DEVICES (default "cpu cuda burn"; cpu is the reference and must stay),
-# DEMO_ARGS, DECODE_ARGS (more `palm bench decode` flags, e.g. --reads every-step), PROFILE_PARTS (train and/or decode), SAVE_CACHE=0, *_TIMEOUT, TRACE=1 (palm's
-# part also writes each kernel's device time after its timed steps: `palm bench --trace`,
+# FIXTURE_DEVICES (default "cpu cuda burn"; cpu is the reference and must stay), DEMO_ARGS,
+# DECODE_ARGS (more `palm bench decode` flags, e.g. --reads every-step), PROFILE_PARTS (train
+# and/or decode), SAVE_CACHE=0, *_TIMEOUT, TRACE=1 (palm's part also writes each kernel's
+# device time after its timed steps: `palm bench --trace`,
 # $OUT/trace_{train,decode}_PREC.jsonl), HOST_PROFILE=1 (palm's part also samples the host's
 # stacks over the timed steps: `palm bench --host-profile`, $OUT/host/*.folded); palm's own
 # switches pass through (PALM_GEMM=burn, PALM_BACKWARD=burn, PALM_GEMM_MIN_MACS,
