@@ -10,7 +10,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+#[cfg(feature = "host-profile")]
+use anyhow::Context;
+use anyhow::Result;
 
 /// Whether this binary can sample (built with the `host-profile` feature).
 pub const AVAILABLE: bool = cfg!(feature = "host-profile");
