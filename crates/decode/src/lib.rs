@@ -63,9 +63,20 @@ fn read_pairs<B: Backend>(pairs: Vec<(Tensor<B, 2>, Tensor<B, 2, Int>)>) -> (Vec
     #[cfg(test)]
     tests::READS.with(|r| r.set(r.get() + 1));
     let (values, indices): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
-    let values = Tensor::cat(values, 0).into_data().iter::<f32>().collect();
-    let indices = Tensor::cat(indices, 0).into_data().iter::<i64>().collect();
+    let values = joined(values).into_data().iter::<f32>().collect();
+    let indices = joined(indices).into_data().iter::<i64>().collect();
     (values, indices)
+}
+
+/// `parts` one after another along the first axis; a single part as it is, without a copy
+/// (every step read on its own).
+fn joined<B: Backend, K: burn::tensor::BasicOps<B>>(
+    mut parts: Vec<Tensor<B, 2, K>>,
+) -> Tensor<B, 2, K> {
+    match parts.len() {
+        1 => parts.pop().expect("one part"),
+        _ => Tensor::cat(parts, 0),
+    }
 }
 
 /// When beam search reads a step's choices back to the host.
