@@ -8,7 +8,7 @@
 # step, cuBLASLt's included, with launch shapes and DRAM/SM throughput).
 # Knobs (environment): PRECISIONS and MODES (palm's and PyTorch's float settings),
 # TRAIN_BATCHES, NODROP_BATCHES (also without dropout on both sides), DECODE=0 (training
-# only), TRAIN=0 (palm's decoding only), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks),
+# only), TRAIN=0 (decoding only, palm's and PyTorch's), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks),
 # FIXTURE_DEVICES (default "cpu cuda burn"; cpu is the reference and must stay), DEMO_ARGS,
 # DECODE_ARGS (more `palm bench decode` flags, e.g. --reads every-step), PROFILE_PARTS (train
 # and/or decode), SAVE_CACHE=0, *_TIMEOUT, TRACE=1 (palm's part also writes each kernel's
@@ -212,8 +212,8 @@ if [[ $PART == all || $PART == palm ]]; then
 fi
 if [[ $PART == all || $PART == torch ]]; then
     for mode in ${MODES:-fp32 tf32 bf16}; do
-        timeout ${TORCH_TIMEOUT:-240} python3 xtask/bench/torch_palm.py train --mode $mode \
-            --batch-size ${TRAIN_BATCHES:-8,64,256} >> "$R" 2>> "$L"
+        [[ ${TRAIN:-1} == 1 ]] && timeout ${TORCH_TIMEOUT:-240} python3 xtask/bench/torch_palm.py \
+            train --mode $mode --batch-size ${TRAIN_BATCHES:-8,64,256} >> "$R" 2>> "$L"
         [[ -n ${NODROP_BATCHES:-} ]] && timeout ${TORCH_TIMEOUT:-240} python3 xtask/bench/torch_palm.py \
             train --mode $mode --dropout 0 --batch-size $NODROP_BATCHES >> "$R" 2>> "$L"
         [[ ${DECODE:-1} == 1 ]] && timeout 150 python3 xtask/bench/torch_palm.py decode --mode $mode --batch-size 1,64 \

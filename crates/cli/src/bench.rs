@@ -390,6 +390,8 @@ fn decode<B: Backend>(device: &B::Device, args: &Args) -> Result<()> {
             "gemm": gemm_route::<B>(),
             "fusion": args.device.device.starts_with("cuda") && crate::device::inference_fusion(),
             "row_kernels": palm_model::grad::has_row_kernels::<B>(),
+            "step_kernels": palm_model::decoder::step_kernels::<B>()
+                .is_some_and(|k| (k.accepts)(&model.decoder)),
             "cross_attention": if palm_model::attention::fused_cross_attention() {
                 "fused"
             } else {

@@ -13,6 +13,7 @@ use crate::dense::Narrow::{Heads, Inner};
 use crate::dense::{dense, dense_narrow};
 use crate::grad;
 use crate::init::{embedding, layer_norm, linear};
+use crate::registry::PerBackend;
 
 /// LayerNorm epsilon of every decoder norm.
 pub const DECODER_LN_EPS: f64 = 1e-6;
@@ -113,6 +114,11 @@ impl<B: Backend> MultiHeadedAttention<B> {
             heads,
             dropout: DropoutConfig::new(dropout).init(),
         }
+    }
+
+    /// Number of heads.
+    pub fn heads(&self) -> usize {
+        self.heads
     }
 
     /// Query projection, split into heads and divided by sqrt(dh) as the reference does.
@@ -272,6 +278,81 @@ pub struct DecoderCache<B: Backend> {
     pub beams: usize,
     /// Position of the next input token.
     pub step: usize,
+    /// The state of the backend's own step kernels ([`StepKernels`]), when they decode this
+    /// cache; the layers' `self_keys`/`self_values` stay empty then.
+    pub fast: Option<FastCache<B>>,
+}
+
+/// The self-attention cache of a backend's own step kernels ([`StepKernels`]), with what they
+/// read besides the model's parameters.
+#[derive(Debug, Clone)]
+pub struct FastCache<B: Backend> {
+    /// Every layer's self-attention keys and values, `[layers, 2, rows, heads, capacity, dh]`
+    /// flattened (keys before values); positions `0..step` of each row are written.
+    pub keys_values: Tensor<B, 1>,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Rows (`sources × beams`).
+    pub rows: usize,
+    /// Heads per layer.
+    pub heads: usize,
+    /// Width of a head.
+    pub dh: usize,
+    /// Positions held per row and head.
+    pub capacity: usize,
+    /// Per layer, the self-attention's query, key and value projections side by side: a
+    /// `[d, 3d]` weight and a `[3d]` bias.
+    pub qkv: Vec<(Tensor<B, 2>, Tensor<B, 1>)>,
+    /// `[sources, s]`: 1 at source padding, 0 elsewhere.
+    pub src_pad: Tensor<B, 2>,
+}
+
+/// Positions a [`FastCache`] holds at first; it doubles when a step needs more.
+pub const FAST_CACHE_CAPACITY: usize = 32;
+
+/// [`StepKernels::step`]: decoder, generator bias, tokens, cache, padding id.
+pub type StepFn<B> = fn(
+    &TransformerDecoder<B>,
+    Tensor<B, 1>,
+    Tensor<B, 1, Int>,
+    &mut DecoderCache<B>,
+    i64,
+) -> Tensor<B, 2>;
+
+/// A backend's own cached decoder step (the CUDA build's: a whole step as a few launches of
+/// its own, where burn's operations cost hundreds), set per backend with
+/// [`set_step_kernels`]. Beam search and greedy decoding use it through [`crate::Palm::step`]
+/// when [`TransformerDecoder::init_cache`] finds it and `accepts` the decoder.
+pub struct StepKernels<B: Backend> {
+    /// Whether the kernels decode with this decoder (its float type, the device's state).
+    pub accepts: fn(&TransformerDecoder<B>) -> bool,
+    /// The log-probabilities `[rows, vocab]` of the token after `tokens [rows]` at position
+    /// `cache.step`, with the generator's bias `[vocab]` and the padding id; advances the
+    /// cache by one position.
+    pub step: StepFn<B>,
+    /// Makes new row `r` continue from row `origins[r]` (`[rows']`, any number of rows), for
+    /// the positions `0..len` written so far.
+    pub select_rows: fn(&mut FastCache<B>, Tensor<B, 1, Int>, usize),
+}
+
+// Function pointers are copies whatever `B` is (a derive would ask `B: Copy`).
+impl<B: Backend> Clone for StepKernels<B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for StepKernels<B> {}
+
+static STEP_KERNELS: PerBackend = PerBackend::new();
+
+/// Decodes on backend `B` with `kernels` (`None`: burn's operations again).
+pub fn set_step_kernels<B: Backend>(kernels: Option<StepKernels<B>>) {
+    STEP_KERNELS.set::<B, _>(kernels);
+}
+
+/// The [`StepKernels`] set for `B`, if any.
+pub fn step_kernels<B: Backend>() -> Option<StepKernels<B>> {
+    STEP_KERNELS.get::<B, StepKernels<B>>()
 }
 
 impl<B: Backend> DecoderCache<B> {
@@ -295,6 +376,9 @@ impl<B: Backend> DecoderCache<B> {
         let sources = (!all_sources).then(|| to_tensor(kept.iter().map(|&s| s as i64).collect()));
         if let Some(src) = &sources {
             self.src_mask = self.src_mask.clone().select(0, src.clone());
+            if let Some(fast) = &mut self.fast {
+                fast.src_pad = fast.src_pad.clone().select(0, src.clone());
+            }
         }
         for l in &mut self.layers {
             if let Some(src) = &sources {
@@ -308,6 +392,11 @@ impl<B: Backend> DecoderCache<B> {
     /// [`DecoderCache::select`] with every source kept and the row origins `[rows]` on the
     /// device: new row `r` continues from current row `origins[r]`.
     pub fn select_rows(&mut self, origins: Tensor<B, 1, Int>) {
+        if let Some(fast) = &mut self.fast {
+            let kernels = step_kernels::<B>().expect("a fast cache is made with step kernels");
+            (kernels.select_rows)(fast, origins, self.step);
+            return;
+        }
         for l in &mut self.layers {
             l.self_keys = l.self_keys.take().map(|k| k.select(0, origins.clone()));
             l.self_values = l.self_values.take().map(|v| v.select(0, origins.clone()));
@@ -400,12 +489,65 @@ impl<B: Backend> TransformerDecoder<B> {
                 }
             })
             .collect();
-        DecoderCache {
+        let mut cache = DecoderCache {
             layers,
-            src_mask: src_pad.unsqueeze_dims::<4>(&[1, 2]),
+            src_mask: src_pad.clone().unsqueeze_dims::<4>(&[1, 2]),
             beams,
             step: 0,
+            fast: None,
+        };
+        if step_kernels::<B>().is_some_and(|k| (k.accepts)(self)) {
+            cache.fast = Some(self.fast_cache(src_pad, beams));
         }
+        cache
+    }
+
+    /// An empty [`FastCache`] for `beams` rows per source of `src_pad [sources, s]`.
+    fn fast_cache(&self, src_pad: Tensor<B, 2, Bool>, beams: usize) -> FastCache<B> {
+        let [sources, _] = src_pad.dims();
+        let layers = self.transformer_layers.len();
+        let heads = self.transformer_layers.first().map_or(1, |l| l.self_attn.heads);
+        let dh = self.d_model / heads;
+        let rows = sources * beams;
+        let capacity = FAST_CACHE_CAPACITY;
+        let device = src_pad.device();
+        let qkv = self
+            .transformer_layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                let parts = [&a.linear_query, &a.linear_keys, &a.linear_values];
+                let weight = Tensor::cat(parts.iter().map(|p| p.weight.val()).collect(), 1);
+                let bias = parts
+                    .iter()
+                    .map(|p| match &p.bias {
+                        Some(b) => b.val(),
+                        None => Tensor::zeros([self.d_model], &device),
+                    })
+                    .collect();
+                (weight, Tensor::cat(bias, 0))
+            })
+            .collect();
+        FastCache {
+            keys_values: Tensor::empty([layers * 2 * rows * heads * capacity * dh], &device),
+            layers,
+            rows,
+            heads,
+            dh,
+            capacity,
+            qkv,
+            src_pad: src_pad.float(),
+        }
+    }
+
+    /// The model width.
+    pub fn d_model(&self) -> usize {
+        self.d_model
+    }
+
+    /// The sinusoidal position table `[MAX_POSITIONS, d]`.
+    pub fn positions(&self) -> Tensor<B, 2> {
+        self.pe.clone()
     }
 
     /// Feeds one token per row (`[rows]`) at position `cache.step`; returns the hidden state

@@ -6,7 +6,7 @@ use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 
 use crate::config::ModelConfig;
-use crate::decoder::{DecoderCache, TransformerDecoder};
+use crate::decoder::{DecoderCache, TransformerDecoder, step_kernels};
 use crate::dense::project_onto;
 use crate::encoder::BertModel;
 
@@ -134,6 +134,12 @@ impl<B: Backend> Palm<B> {
 
     /// One cached decoding step: log-probabilities `[rows, vocab]` of the token after `tokens`.
     pub fn step(&self, tokens: Tensor<B, 1, Int>, cache: &mut DecoderCache<B>) -> Tensor<B, 2> {
+        if cache.fast.is_some()
+            && let Some(kernels) = step_kernels::<B>()
+        {
+            let bias = self.generator.dense.bias.val();
+            return (kernels.step)(&self.decoder, bias, tokens, cache, self.pad_id);
+        }
         let h = self.decoder.step(tokens, cache, self.pad_id);
         self.generate_log_probs(h)
     }

@@ -76,6 +76,7 @@ pub fn install(index: usize) -> Result<()> {
             palm_model::dense::set_shadow::<Gpu>(Some(shadow::store));
         }
     }
+    step::install();
     match std::env::var("PALM_ATTENTION_GEMM").as_deref() {
         Ok("burn") => {}
         Ok("recopy") => palm_model::dense::set_batched::<Autodiff<Gpu>>(Some(batched::autodiff)),
@@ -596,6 +597,8 @@ struct Device {
     plans: HashMap<Problem, Plan>,
     /// Problems whose epilogue cuBLASLt has no algorithm for: asked once each.
     no_epilogue: std::collections::HashSet<Problem>,
+    /// The decoder step's kernels, compiled on first use.
+    step: Option<step::Kernels>,
 }
 
 // The raw cuBLASLt handles are used under the `DEVICES` mutex only.
@@ -646,6 +649,7 @@ impl Device {
             workspaces: HashMap::new(),
             plans: HashMap::new(),
             no_epilogue: Default::default(),
+            step: None,
         })
     }
 
@@ -1046,6 +1050,7 @@ mod stream {
 mod affine;
 mod batched;
 mod shadow;
+mod step;
 
 #[cfg(test)]
 mod tests {
@@ -1420,5 +1425,100 @@ mod tests {
             }
         }
         palm_model::dense::set_product_dtype(None);
+    }
+
+    /// Adds normal noise to every parameter (biases and norms start at 0 and 1).
+    struct Jitter;
+
+    impl<B2: Backend> burn::module::ModuleMapper<B2> for Jitter {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<Tensor<B2, D>>,
+        ) -> burn::module::Param<Tensor<B2, D>> {
+            let t = param.val();
+            let noise = Tensor::random_like(&t, Distribution::Normal(0.0, 0.1));
+            burn::module::Param::from_tensor(t + noise)
+        }
+    }
+
+    #[test]
+    fn step_kernels_match_burns_step() {
+        use burn::module::Module;
+        use palm_model::{ModelConfig, Palm};
+        // Needs f32 products throughout.
+        let _f32 = PRODUCT_TYPE.lock().unwrap_or_else(|e| e.into_inner());
+        let device = CudaDevice::new(0);
+        let client = CudaRuntime::client(&device);
+        let found = client.exclusive(|| stream::backend_stream(&client).is_some());
+        assert_eq!(found.ok(), Some(true), "CubeCL's stream for this thread");
+        step::install();
+        // burn's step with its products through cuBLASLt, as inference runs it (and no
+        // minutes of burn's matmul autotuning for the new shapes).
+        palm_model::dense::set_gemm::<Cube>(Some(|a, b| wrap(cube_gemm(unwrap(a), unwrap(b)))));
+        palm_model::dense::set_affine::<Cube>(Some(affine::cube));
+        Cube::seed(&device, 11);
+        // The tiny fixture's shapes, and PALM-base's layers (768 wide, 12 heads of 64, an
+        // inner width of 3,072) with two of them and a small vocabulary.
+        let tiny = ModelConfig::tiny(300);
+        let mut base = ModelConfig::tiny(1000);
+        base.encoder.hidden_size = 768;
+        base.encoder.num_attention_heads = 12;
+        base.encoder.intermediate_size = 3072;
+        base.encoder.num_hidden_layers = 1;
+        base.palm.dec_heads = 12;
+        base.palm.dec_ff_size = 3072;
+        let tolerance = Tolerance::<f32>::rel_abs(1e-2, 1e-2);
+        for config in [tiny, base] {
+            let model = Palm::<Cube>::new(&config, &device).map(&mut Jitter);
+            let vocab = model.vocab_size();
+            // Two sources, one padded (PAD = 0).
+            let src = Tensor::<Cube, 2, Int>::from_data(
+                TensorData::new(vec![2i64, 7, 9, 3, 0, 0, 2, 5, 11, 4, 8, 3], [2, 6]),
+                &device,
+            );
+            let memory = model.encode(src);
+            let beams = 3;
+            let mut ours = model.init_cache(&memory, beams);
+            assert!(ours.fast.is_some(), "the step kernels take an f32 model");
+            let mut burns = ours.clone();
+            burns.fast = None;
+            let mut rows = 2 * beams;
+            // Past the first capacity (32 positions), reordering rows on the way, a padding
+            // input, and a source dropped.
+            for step in 0..40usize {
+                let ids: Vec<i64> = (0..rows)
+                    .map(|r| {
+                        if step == 5 && r == 1 {
+                            0
+                        } else {
+                            ((r * 31 + step * 17) % (vocab - 1) + 1) as i64
+                        }
+                    })
+                    .collect();
+                let tokens =
+                    Tensor::<Cube, 1, Int>::from_data(TensorData::new(ids, [rows]), &device);
+                let a = model.step(tokens.clone(), &mut ours);
+                let b = model.step(tokens, &mut burns);
+                eprintln!("d {} step {step}", config.encoder.hidden_size);
+                a.into_data().assert_approx_eq::<f32>(&b.into_data(), tolerance);
+                if step == 20 {
+                    // The first source finishes: its rows go, the second's keep their order.
+                    let origins: Vec<usize> = (0..beams).map(|b| beams + (b + 1) % beams).collect();
+                    ours.select(&[1], &origins);
+                    burns.select(&[1], &origins);
+                    rows = beams;
+                } else if step % 3 == 0 {
+                    let origins: Vec<i64> =
+                        (0..rows).map(|r| (r / beams * beams + (r + step) % beams) as i64).collect();
+                    let origins =
+                        Tensor::<Cube, 1, Int>::from_data(TensorData::new(origins, [rows]), &device);
+                    ours.select_rows(origins.clone());
+                    burns.select_rows(origins);
+                }
+            }
+        }
+        palm_model::decoder::set_step_kernels::<Cube>(None);
+        palm_model::dense::set_gemm::<Cube>(None);
+        palm_model::dense::set_affine::<Cube>(None);
     }
 }

@@ -1,0 +1,216 @@
+// The kernels of one cached decoder step (f32), compiled by NVRTC when a process first
+// decodes on CUDA (see step.rs). Rows are `sources × beams`, one block per row (and head);
+// blocks are a multiple of 32 threads, at most 1024.
+
+#define FULL_MASK 0xffffffffu
+
+typedef unsigned long long u64;
+
+__device__ __forceinline__ float neg_infinity() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// The sum of `v` over the block, returned to every thread; `scratch` holds 32 floats.
+__device__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_sum(lane < warps ? scratch[lane] : 0.0f);
+}
+
+// The maximum of `v` over the block, returned to every thread.
+__device__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_max(lane < warps ? scratch[lane] : neg_infinity());
+}
+
+// x[r] = table[tokens[r]] · scale + position (one row of the sinusoidal table), and pad[r] = 1
+// where the token is the padding id. Grid: rows.
+extern "C" __global__ void embed(const int* tokens, const float* table, const float* position,
+                                 float* x, float* pad, int d, float scale, int pad_id) {
+    u64 row = blockIdx.x;
+    int token = tokens[row];
+    const float* e = table + (u64)token * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) x[row * d + i] = e[i] * scale + position[i];
+    if (threadIdx.x == 0) pad[row] = token == pad_id ? 1.0f : 0.0f;
+}
+
+// x[r] += a[r] (when `a` is given), then out[r] = LayerNorm(x[r]) · gamma + beta (biased
+// variance, as torch). Grid: rows.
+extern "C" __global__ void add_layer_norm(const float* a, float* x, const float* gamma,
+                                          const float* beta, float* out, int d, float eps) {
+    __shared__ float scratch[32];
+    u64 row = blockIdx.x;
+    float* xr = x + row * d;
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = xr[i];
+        if (a) {
+            v += a[row * d + i];
+            xr[i] = v;
+        }
+        sum += v;
+    }
+    float mean = block_sum(sum, scratch) / d;
+    float squares = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float c = xr[i] - mean;
+        squares += c * c;
+    }
+    float var = block_sum(squares, scratch) / d;
+    float inv = 1.0f / sqrtf(var + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x)
+        out[row * d + i] = (xr[i] - mean) * inv * gamma[i] + beta[i];
+}
+
+// Masked self-attention of one decoding position. `qkv [rows, 3d]` holds the query, key and
+// value projections side by side; the layer's cache `keys`, `values` are `[rows, heads, cap,
+// dh]`. Writes this position's key and value at `t`, then ctx[r, head] = softmax(q/√dh ·
+// Kᵀ) · V over positions 0..=t; a row whose input is padding gets the uniform average (the
+// reference fills every score with −1e18). Grid: (rows, heads); shared: dh + t + 1 + 32 floats.
+extern "C" __global__ void self_attention(const float* qkv, float* keys, float* values,
+                                          const float* pad, float* ctx, int heads, int dh,
+                                          int cap, int t, float scale) {
+    extern __shared__ float shared[];
+    float* q = shared;
+    float* scores = q + dh;
+    float* scratch = scores + t + 1;
+    int row = blockIdx.x, head = blockIdx.y, d = heads * dh, n = t + 1;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const float* in = qkv + (u64)row * 3 * d + head * dh;
+    u64 slot = ((u64)row * heads + head) * cap * dh;
+    float* k = keys + slot;
+    float* v = values + slot;
+    for (int j = threadIdx.x; j < dh; j += blockDim.x) {
+        q[j] = in[j] / scale;
+        k[(u64)t * dh + j] = in[d + j];
+        v[(u64)t * dh + j] = in[2 * d + j];
+    }
+    __syncthreads();
+    for (int p = warp; p < n; p += warps) {
+        float s = 0.0f;
+        for (int j = lane; j < dh; j += 32) s += q[j] * k[(u64)p * dh + j];
+        s = warp_sum(s);
+        if (lane == 0) scores[p] = s;
+    }
+    __syncthreads();
+    if (pad[row] != 0.0f) {
+        for (int p = threadIdx.x; p < n; p += blockDim.x) scores[p] = 1.0f / n;
+    } else {
+        float m = neg_infinity();
+        for (int p = threadIdx.x; p < n; p += blockDim.x) m = fmaxf(m, scores[p]);
+        m = block_max(m, scratch);
+        float sum = 0.0f;
+        for (int p = threadIdx.x; p < n; p += blockDim.x) {
+            float e = expf(scores[p] - m);
+            scores[p] = e;
+            sum += e;
+        }
+        sum = block_sum(sum, scratch);
+        for (int p = threadIdx.x; p < n; p += blockDim.x) scores[p] /= sum;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < dh; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int p = 0; p < n; ++p) acc += scores[p] * v[(u64)p * dh + j];
+        ctx[(u64)row * d + head * dh + j] = acc;
+    }
+}
+
+// Attention of every row's query `q [rows, d]` over its source's encoder keys and values:
+// element (source, head, position, j) at source·ss + head·hs + position·ps + j, the source of
+// row r being r / beams; `mask [sources, s]` is 1 at source padding (excluded). Grid: (rows,
+// heads); shared: dh + s + 32 floats.
+extern "C" __global__ void cross_attention(const float* qm, const float* keys,
+                                           const float* values, long long ss, long long hs,
+                                           long long ps, const float* mask, float* ctx,
+                                           int heads, int dh, int s, int beams, float scale) {
+    extern __shared__ float shared[];
+    float* q = shared;
+    float* scores = q + dh;
+    float* scratch = scores + s;
+    int row = blockIdx.x, head = blockIdx.y, d = heads * dh, source = row / beams;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int j = threadIdx.x; j < dh; j += blockDim.x) q[j] = qm[(u64)row * d + head * dh + j] / scale;
+    const float* k = keys + source * ss + head * hs;
+    const float* v = values + source * ss + head * hs;
+    const float* masked = mask + (u64)source * s;
+    __syncthreads();
+    for (int p = warp; p < s; p += warps) {
+        if (masked[p] != 0.0f) {
+            if (lane == 0) scores[p] = neg_infinity();
+            continue;
+        }
+        float sum = 0.0f;
+        for (int j = lane; j < dh; j += 32) sum += q[j] * k[p * ps + j];
+        sum = warp_sum(sum);
+        if (lane == 0) scores[p] = sum;
+    }
+    __syncthreads();
+    float m = neg_infinity();
+    for (int p = threadIdx.x; p < s; p += blockDim.x) m = fmaxf(m, scores[p]);
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int p = threadIdx.x; p < s; p += blockDim.x) {
+        float e = expf(scores[p] - m);
+        scores[p] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, scratch);
+    __syncthreads();
+    for (int j = threadIdx.x; j < dh; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int p = 0; p < s; ++p) acc += scores[p] * v[p * ps + j];
+        ctx[(u64)row * d + head * dh + j] = acc / sum;
+    }
+}
+
+// The reference's tanh-approximated GELU of `n` elements, in place. Grid: ⌈n / block⌉.
+extern "C" __global__ void gelu_tanh(float* x, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float v = x[i];
+        x[i] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    }
+}
+
+// Each row of `x [rows, n]` becomes its log-softmax, in place. Grid: rows.
+extern "C" __global__ void log_softmax(float* x, int n) {
+    __shared__ float scratch[32];
+    float* xr = x + (u64)blockIdx.x * n;
+    float m = neg_infinity();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, xr[i]);
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sum += expf(xr[i] - m);
+    float log_sum = logf(block_sum(sum, scratch));
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = (xr[i] - m) - log_sum;
+}
+
+// dst[plane, r, head, 0..len] = src[plane, origins[r], head, 0..len] (origins absent: r) for
+// caches `[planes, rows, heads, cap, dh]` of different row counts and capacities. Grid:
+// (dst_rows × heads, planes).
+extern "C" __global__ void gather_rows(const float* src, float* dst, const int* origins,
+                                       int src_rows, int dst_rows, int heads, int src_cap,
+                                       int dst_cap, int len, int dh) {
+    int r = blockIdx.x / heads, head = blockIdx.x % heads, plane = blockIdx.y;
+    int origin = origins ? origins[r] : r;
+    const float* from = src + (((u64)plane * src_rows + origin) * heads + head) * src_cap * dh;
+    float* to = dst + (((u64)plane * dst_rows + r) * heads + head) * dst_cap * dh;
+    u64 n = (u64)len * dh;
+    for (u64 i = threadIdx.x; i < n; i += blockDim.x) to[i] = from[i];
+}

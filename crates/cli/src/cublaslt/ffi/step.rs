@@ -1,0 +1,647 @@
+//! A cached decoder step of beam search as launches of our own: the kernels of `step.cu`
+//! (compiled by NVRTC on first use) and cuBLASLt's products, queued by one task on CubeCL's
+//! device thread onto CubeCL's stream.
+//!
+//! Through burn's operations a step of PALM-base's decoder is about 640 launches at batch 64,
+//! and each costs CubeCL's device thread 15 to 19 µs of host time: the step (about 10 ms) is
+//! bound by that thread, not by the device (`docs/benchmarks.md`, items 13 and 38). Here a
+//! layer is eleven launches: a layer norm fused with the residual addition before it (three),
+//! the self-attention's query, key and value as one product, a self-attention kernel that also
+//! writes this position's key and value into a cache laid out for it (no concatenation), the
+//! cross-attention's query product and kernel, three more products with their biases in
+//! cuBLASLt's epilogue and the GELU. The embedding, the final norm, the generator's product
+//! and a log-softmax close the step, and a reordering of the beams' rows is one gather
+//! launch. Everything stays f32 (the products in TF32, as burn's path); what burn's step
+//! computes, up to the order of the sums (GPU unit test `step_kernels_match_burns_step`).
+//!
+//! Used for `f32` inference on CubeCL's stream ([`accepts`]); `PALM_STEP=burn` keeps burn's
+//! operations.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, mpsc};
+
+use anyhow::{Context, Result, anyhow};
+use burn::prelude::*;
+use burn::tensor::{DType, IntDType};
+use burn_cubecl::cubecl::Runtime;
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::device_handle::DeviceHandle;
+use burn_cubecl::cubecl::server::ComputeServer;
+use burn_cubecl::cubecl::stream_id::StreamId;
+use burn_cubecl::tensor::CubeTensor;
+use cudarc::driver::CudaFunction;
+use cudarc::driver::sys::CUstream;
+use palm_model::decoder::{
+    DECODER_LN_EPS, DecoderCache, FastCache, StepKernels, TransformerDecoder, set_step_kernels,
+};
+
+use super::{Cube, Device, Epilogue, Problem, stream, with_device};
+use crate::cublaslt::{Operand, operand};
+
+/// The device code.
+const SOURCE: &str = include_str!("step.cu");
+/// Threads per block of the attention kernels (one block per row and head).
+const ATTENTION_THREADS: u32 = 128;
+/// Threads per block of the row kernels (embedding, layer norm, gather) and the GELU.
+const ROW_THREADS: u32 = 256;
+/// Threads per block of the log-softmax over the vocabulary.
+const VOCAB_THREADS: u32 = 1024;
+
+/// Decodes with these kernels on the inference backend, unless `PALM_STEP=burn`.
+pub fn install() {
+    let on = !std::env::var("PALM_STEP").is_ok_and(|v| v == "burn");
+    set_step_kernels::<Cube>(on.then_some(StepKernels {
+        accepts,
+        step,
+        select_rows,
+    }));
+}
+
+/// f32 weights and products, and CubeCL's stream known for this thread.
+fn accepts(decoder: &TransformerDecoder<Cube>) -> bool {
+    palm_model::dense::product_dtype().is_none()
+        && decoder.embeddings.weight.val().dtype() == DType::F32
+        && stream::known_stream().is_some()
+}
+
+/// The compiled kernels of one device.
+pub(super) struct Kernels {
+    embed: CudaFunction,
+    add_layer_norm: CudaFunction,
+    self_attention: CudaFunction,
+    cross_attention: CudaFunction,
+    gelu_tanh: CudaFunction,
+    log_softmax: CudaFunction,
+    gather_rows: CudaFunction,
+}
+
+impl Kernels {
+    /// Compiles `step.cu` for the device whose context is current.
+    fn compile(device: &Device) -> Result<Self> {
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, Default::default())
+            .map_err(|e| anyhow!("NVRTC compiling the decoder step's kernels: {e:?}"))?;
+        let module = device
+            .ctx
+            .load_module(ptx)
+            .context("loading the decoder step's kernels")?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .with_context(|| format!("the kernel {name}"))
+        };
+        Ok(Self {
+            embed: f("embed")?,
+            add_layer_norm: f("add_layer_norm")?,
+            self_attention: f("self_attention")?,
+            cross_attention: f("cross_attention")?,
+            gelu_tanh: f("gelu_tanh")?,
+            log_softmax: f("log_softmax")?,
+            gather_rows: f("gather_rows")?,
+        })
+    }
+}
+
+/// A kernel argument.
+enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+/// Queues `f` on `stream` with `args`, in the order of its parameters.
+fn launch(
+    f: &CudaFunction,
+    grid: (u32, u32),
+    block: u32,
+    shared_floats: usize,
+    stream: CUstream,
+    mut args: Vec<Arg>,
+) -> Result<()> {
+    let mut params: Vec<*mut c_void> = args
+        .iter_mut()
+        .map(|a| match a {
+            Arg::Ptr(v) => (v as *mut u64).cast(),
+            Arg::I32(v) => (v as *mut i32).cast(),
+            Arg::I64(v) => (v as *mut i64).cast(),
+            Arg::F32(v) => (v as *mut f32).cast(),
+        })
+        .collect();
+    let shared = u32::try_from(shared_floats * 4).context("shared memory size")?;
+    // SAFETY: `params` points at values of the types the kernel's parameters declare, in
+    // order, alive until the launch returns (the driver copies them); the pointers among them
+    // are live allocations of the sizes the kernel reads and writes.
+    unsafe {
+        cudarc::driver::result::launch_kernel(
+            f.cu_function(),
+            (grid.0, grid.1, 1),
+            (block, 1, 1),
+            shared,
+            stream,
+            &mut params,
+        )
+    }
+    .map_err(|e| anyhow!("launching a decoder step kernel: {e:?}"))
+}
+
+/// `out [m, n] = x [m, k] · w + bias`: `w` at `w.0`, laid out as `w.1`; f32, TF32 products.
+#[allow(clippy::too_many_arguments)]
+fn affine(
+    device: &mut Device,
+    stream: CUstream,
+    [m, k, n]: [usize; 3],
+    x: u64,
+    w: (u64, Operand),
+    bias: u64,
+    out: u64,
+) -> Result<()> {
+    let pointers = [w.0, x, out];
+    let problem = Problem {
+        dtype: DType::F32,
+        out: DType::F32,
+        vector: DType::F32,
+        epilogue: Epilogue::Bias,
+        first: w.1,
+        second: operand([m, k], [k, 1]).expect("a contiguous matrix"),
+        batch: 1,
+        batch_strides: [0; 3],
+        m: n as u64,
+        n: m as u64,
+        align: pointers.map(|p| (p & p.wrapping_neg()).min(256) as u32),
+    };
+    device.matmul(&problem, pointers, Some(bias), Some(stream.cast()))
+}
+
+/// An error of a task not waited for, for the next step to report.
+static QUEUED_ERROR: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+/// Whether a task has run: the first of the process is waited for (it compiles the kernels).
+static STARTED: AtomicBool = AtomicBool::new(false);
+
+/// Runs `task` on CubeCL's device thread after everything queued before it, with the device
+/// pointers of `held` (kept alive until it has queued its launches) and CubeCL's stream;
+/// waits for the first task of the process, not for later ones.
+fn submit(
+    held: Vec<CubeTensor<CudaRuntime>>,
+    task: impl FnOnce(&mut Device, &[u64], CUstream) -> Result<()> + Send + 'static,
+) {
+    if let Some(e) = QUEUED_ERROR
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        panic!("an earlier CUDA decoder step failed: {e:#}");
+    }
+    let stream = stream::known_stream().expect("accepted with CubeCL's stream known") as usize;
+    let index = held[0].device.index;
+    let wait = !STARTED.swap(true, Ordering::Relaxed);
+    let (sender, receiver) = mpsc::channel();
+    let handle = DeviceHandle::<<CudaRuntime as Runtime>::Server>::new(held[0].device.to_id());
+    handle.submit(move |server| {
+        let id = StreamId::current();
+        let result = (|| -> Result<()> {
+            let resources = held
+                .iter()
+                .map(|t| {
+                    server
+                        .get_resource(t.handle.clone().binding(), id)
+                        .map_err(|e| anyhow!("a CUDA tensor's memory: {e:?}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let pointers: Vec<u64> = resources.iter().map(|r| r.resource().ptr).collect();
+            with_device(index, |device| task(device, &pointers, stream as CUstream))
+        })();
+        if wait {
+            let _ = sender.send(result);
+        } else if let Err(e) = result {
+            *QUEUED_ERROR.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+        }
+    });
+    if wait {
+        match receiver.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("the CUDA decoder step: {e:#}"),
+            Err(_) => panic!("the CUDA decoder step's task did not run"),
+        }
+    }
+}
+
+fn cube(t: Tensor<Cube, 1>) -> CubeTensor<CudaRuntime> {
+    t.into_primitive().tensor()
+}
+
+fn cube2(t: Tensor<Cube, 2>) -> CubeTensor<CudaRuntime> {
+    t.into_primitive().tensor()
+}
+
+/// `t` as i32, the kernels' index type.
+fn int32(t: Tensor<Cube, 1, Int>) -> CubeTensor<CudaRuntime> {
+    let t = if t.dtype() == DType::I32 {
+        t
+    } else {
+        t.cast(IntDType::I32)
+    };
+    burn_cubecl::kernel::into_contiguous(t.into_primitive())
+}
+
+/// A weight `[k, n]` as cuBLASLt reads it (copied first when neither axis is contiguous).
+fn weight(t: Tensor<Cube, 2>) -> (CubeTensor<CudaRuntime>, Operand) {
+    let t = cube2(t);
+    let layout = |t: &CubeTensor<CudaRuntime>| {
+        let (s, st) = (t.meta.shape(), t.meta.strides());
+        operand([s[0], s[1]], [st[0], st[1]])
+    };
+    match layout(&t) {
+        Some(l) => (t, l),
+        None => {
+            let t = burn_cubecl::kernel::into_contiguous(t);
+            let l = layout(&t).expect("a contiguous matrix");
+            (t, l)
+        }
+    }
+}
+
+/// The tensors one step reads and writes, in the order their pointers arrive.
+#[derive(Default)]
+struct Held {
+    tensors: Vec<CubeTensor<CudaRuntime>>,
+    layouts: Vec<Option<Operand>>,
+}
+
+impl Held {
+    /// A tensor the kernels read with its own strides (or one known to be contiguous).
+    fn push(&mut self, t: CubeTensor<CudaRuntime>) -> usize {
+        self.tensors.push(t);
+        self.layouts.push(None);
+        self.tensors.len() - 1
+    }
+
+    /// A tensor read as contiguous memory.
+    fn vector(&mut self, t: Tensor<Cube, 1>) -> usize {
+        self.push(burn_cubecl::kernel::into_contiguous(cube(t)))
+    }
+
+    fn weight(&mut self, t: Tensor<Cube, 2>) -> usize {
+        let (t, l) = weight(t);
+        self.tensors.push(t);
+        self.layouts.push(Some(l));
+        self.tensors.len() - 1
+    }
+
+    /// A linear layer's weight and bias (zeros when it has none).
+    fn linear(&mut self, l: &burn::nn::Linear<Cube>) -> (usize, usize) {
+        let w = l.weight.val();
+        let n = w.dims()[1];
+        let bias = match &l.bias {
+            Some(b) => b.val(),
+            None => Tensor::zeros([n], &w.device()),
+        };
+        (self.weight(w), self.vector(bias))
+    }
+
+    /// A layer norm's scale and shift (zeros when it has none).
+    fn norm(&mut self, l: &burn::nn::LayerNorm<Cube>) -> (usize, usize) {
+        let g = l.gamma.val();
+        let beta = match &l.beta {
+            Some(b) => b.val(),
+            None => g.zeros_like(),
+        };
+        (self.vector(g), self.vector(beta))
+    }
+}
+
+/// Where one layer's tensors are in [`Held`].
+struct Layer {
+    ln1: (usize, usize),
+    qkv: (usize, usize),
+    out: (usize, usize),
+    ln2: (usize, usize),
+    query: (usize, usize),
+    memory: (usize, usize),
+    /// The memory keys' and values' element strides: source, head, position.
+    memory_strides: [i64; 3],
+    context: (usize, usize),
+    ln3: (usize, usize),
+    w1: (usize, usize),
+    w2: (usize, usize),
+}
+
+/// The memory keys and values `[sources, h, s, dh]` of a layer, with unit stride along `dh`
+/// and the same strides (copied otherwise).
+fn memory(
+    keys: Tensor<Cube, 4>,
+    values: Tensor<Cube, 4>,
+) -> (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>, [i64; 3]) {
+    let (mut k, mut v): (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>) =
+        (keys.into_primitive().tensor(), values.into_primitive().tensor());
+    if k.meta.strides()[3] != 1 || k.meta.strides() != v.meta.strides() {
+        k = burn_cubecl::kernel::into_contiguous(k);
+        v = burn_cubecl::kernel::into_contiguous(v);
+    }
+    let s = k.meta.strides();
+    let strides = [s[0] as i64, s[1] as i64, s[2] as i64];
+    (k, v, strides)
+}
+
+/// One step: see the module's documentation.
+fn step(
+    decoder: &TransformerDecoder<Cube>,
+    generator_bias: Tensor<Cube, 1>,
+    tokens: Tensor<Cube, 1, Int>,
+    cache: &mut DecoderCache<Cube>,
+    pad_id: i64,
+) -> Tensor<Cube, 2> {
+    let t = cache.step;
+    let beams = cache.beams;
+    let fast = cache.fast.as_mut().expect("a fast cache");
+    if t >= fast.capacity {
+        grow(fast, t);
+    }
+    let device = tokens.device();
+    let [rows] = tokens.dims();
+    assert_eq!(rows, fast.rows, "one token per cached row");
+    let (heads, dh, cap) = (fast.heads, fast.dh, fast.capacity);
+    let d = decoder.d_model();
+    let vocab = generator_bias.dims()[0];
+    let [sources, s] = fast.src_pad.dims();
+    assert_eq!(sources * beams, rows, "beams per source");
+    let ff = decoder
+        .transformer_layers
+        .first()
+        .map_or(d, |l| l.feed_forward.w_1.weight.dims()[1]);
+
+    let mut held = Held::default();
+    let tokens = held.push(int32(tokens));
+    let table = held.weight(decoder.embeddings.weight.val());
+    let positions = held.push(burn_cubecl::kernel::into_contiguous(cube2(
+        decoder.positions(),
+    )));
+    let final_norm = held.norm(&decoder.layer_norm);
+    let bias = held.vector(generator_bias);
+    let src_pad = held.push(burn_cubecl::kernel::into_contiguous(cube2(
+        fast.src_pad.clone(),
+    )));
+    let keys_values = held.vector(fast.keys_values.clone());
+    let work_floats = rows * (7 * d + ff + 1);
+    let work = held.vector(Tensor::empty([work_floats], &device));
+    let out = Tensor::<Cube, 2>::empty([rows, vocab], &device);
+    let out_index = held.push(cube2(out.clone()));
+    let layer_indices: Vec<Layer> = decoder
+        .transformer_layers
+        .iter()
+        .zip(&cache.layers)
+        .zip(&fast.qkv)
+        .map(|((layer, lc), (w_qkv, b_qkv))| {
+            let ln1 = held.norm(&layer.layer_norm_1);
+            let qkv = (
+                held.weight(w_qkv.clone()),
+                held.vector(b_qkv.clone()),
+            );
+            let out = held.linear(&layer.self_attn.final_linear);
+            let ln2 = held.norm(&layer.layer_norm_2);
+            let query = held.linear(&layer.context_attn.linear_query);
+            let (k, v, memory_strides) =
+                memory(lc.memory_keys.clone(), lc.memory_values.clone());
+            let memory = (held.push(k), held.push(v));
+            let context = held.linear(&layer.context_attn.final_linear);
+            let ln3 = held.norm(&layer.feed_forward.layer_norm);
+            let w1 = held.linear(&layer.feed_forward.w_1);
+            let w2 = held.linear(&layer.feed_forward.w_2);
+            Layer {
+                ln1,
+                qkv,
+                out,
+                ln2,
+                query,
+                memory,
+                memory_strides,
+                context,
+                ln3,
+                w1,
+                w2,
+            }
+        })
+        .collect();
+    let layouts = held.layouts.clone();
+
+    submit(held.tensors, move |dev, ptr, stream| {
+        let kernels = match dev.step.take() {
+            Some(k) => k,
+            None => Kernels::compile(dev)?,
+        };
+        let result = (|| -> Result<()> {
+            let k = &kernels;
+            let w = |i: usize| (ptr[i], layouts[i].expect("a weight's layout"));
+            let f32s = |n: usize| (n * 4) as u64;
+            // The work buffer: x, its norm, a scratch row block, attention's context, the
+            // query/key/value projections, the feed-forward's inner activation, the padding.
+            let x = ptr[work];
+            let xn = x + f32s(rows * d);
+            let a = xn + f32s(rows * d);
+            let ctx = a + f32s(rows * d);
+            let qkv = ctx + f32s(rows * d);
+            let h = qkv + f32s(rows * 3 * d);
+            let pad = h + f32s(rows * ff);
+            let plane = f32s(rows * heads * cap * dh);
+            let eps = DECODER_LN_EPS as f32;
+            let scale = (dh as f32).sqrt();
+            let (d32, dh32, heads32) = (d as i32, dh as i32, heads as i32);
+            let norm = |a: u64, (g, b): (usize, usize)| {
+                launch(
+                    &k.add_layer_norm,
+                    (rows as u32, 1),
+                    ROW_THREADS,
+                    0,
+                    stream,
+                    vec![
+                        Arg::Ptr(a),
+                        Arg::Ptr(x),
+                        Arg::Ptr(ptr[g]),
+                        Arg::Ptr(ptr[b]),
+                        Arg::Ptr(xn),
+                        Arg::I32(d32),
+                        Arg::F32(eps),
+                    ],
+                )
+            };
+            launch(
+                &k.embed,
+                (rows as u32, 1),
+                ROW_THREADS,
+                0,
+                stream,
+                vec![
+                    Arg::Ptr(ptr[tokens]),
+                    Arg::Ptr(ptr[table]),
+                    Arg::Ptr(ptr[positions] + f32s(t * d)),
+                    Arg::Ptr(x),
+                    Arg::Ptr(pad),
+                    Arg::I32(d32),
+                    Arg::F32((d as f32).sqrt()),
+                    Arg::I32(pad_id as i32),
+                ],
+            )?;
+            for (l, layer) in layer_indices.iter().enumerate() {
+                if l == 0 {
+                    norm(0, layer.ln1)?;
+                }
+                let keys = ptr[keys_values] + 2 * l as u64 * plane;
+                let values = keys + plane;
+                affine(dev, stream, [rows, d, 3 * d], xn, w(layer.qkv.0), ptr[layer.qkv.1], qkv)?;
+                launch(
+                    &k.self_attention,
+                    (rows as u32, heads as u32),
+                    ATTENTION_THREADS,
+                    dh + t + 1 + 32,
+                    stream,
+                    vec![
+                        Arg::Ptr(qkv),
+                        Arg::Ptr(keys),
+                        Arg::Ptr(values),
+                        Arg::Ptr(pad),
+                        Arg::Ptr(ctx),
+                        Arg::I32(heads32),
+                        Arg::I32(dh32),
+                        Arg::I32(cap as i32),
+                        Arg::I32(t as i32),
+                        Arg::F32(scale),
+                    ],
+                )?;
+                affine(dev, stream, [rows, d, d], ctx, w(layer.out.0), ptr[layer.out.1], a)?;
+                norm(a, layer.ln2)?;
+                affine(dev, stream, [rows, d, d], xn, w(layer.query.0), ptr[layer.query.1], a)?;
+                let [ss, hs, ps] = layer.memory_strides;
+                launch(
+                    &k.cross_attention,
+                    (rows as u32, heads as u32),
+                    ATTENTION_THREADS,
+                    dh + s + 32,
+                    stream,
+                    vec![
+                        Arg::Ptr(a),
+                        Arg::Ptr(ptr[layer.memory.0]),
+                        Arg::Ptr(ptr[layer.memory.1]),
+                        Arg::I64(ss),
+                        Arg::I64(hs),
+                        Arg::I64(ps),
+                        Arg::Ptr(ptr[src_pad]),
+                        Arg::Ptr(ctx),
+                        Arg::I32(heads32),
+                        Arg::I32(dh32),
+                        Arg::I32(s as i32),
+                        Arg::I32(beams as i32),
+                        Arg::F32(scale),
+                    ],
+                )?;
+                affine(dev, stream, [rows, d, d], ctx, w(layer.context.0), ptr[layer.context.1], a)?;
+                norm(a, layer.ln3)?;
+                affine(dev, stream, [rows, d, ff], xn, w(layer.w1.0), ptr[layer.w1.1], h)?;
+                let inner = rows * ff;
+                launch(
+                    &k.gelu_tanh,
+                    (inner.div_ceil(ROW_THREADS as usize) as u32, 1),
+                    ROW_THREADS,
+                    0,
+                    stream,
+                    vec![Arg::Ptr(h), Arg::I64(inner as i64)],
+                )?;
+                affine(dev, stream, [rows, ff, d], h, w(layer.w2.0), ptr[layer.w2.1], a)?;
+                // The residual addition, then the next layer's first norm or the final one.
+                let next = layer_indices.get(l + 1).map_or(final_norm, |n| n.ln1);
+                norm(a, next)?;
+            }
+            if layer_indices.is_empty() {
+                norm(0, final_norm)?;
+            }
+            // The generator: x · Eᵀ + b over the tied embedding table `[vocab, d]`.
+            let (table_ptr, _) = w(table);
+            let transposed = operand([d, vocab], [1, d]).expect("the table's transpose");
+            affine(
+                dev,
+                stream,
+                [rows, d, vocab],
+                xn,
+                (table_ptr, transposed),
+                ptr[bias],
+                ptr[out_index],
+            )?;
+            launch(
+                &k.log_softmax,
+                (rows as u32, 1),
+                VOCAB_THREADS,
+                0,
+                stream,
+                vec![Arg::Ptr(ptr[out_index]), Arg::I32(vocab as i32)],
+            )
+        })();
+        dev.step = Some(kernels);
+        result
+    });
+    cache.step += 1;
+    out
+}
+
+/// Doubles the cache's capacity before position `len` is written.
+fn grow(fast: &mut FastCache<Cube>, len: usize) {
+    let capacity = (fast.capacity * 2).max(len + 1);
+    let rows = fast.rows;
+    gather(fast, None, rows, capacity, len);
+}
+
+/// New row `r` continues from row `origins[r]`.
+fn select_rows(fast: &mut FastCache<Cube>, origins: Tensor<Cube, 1, Int>, len: usize) {
+    let [rows] = origins.dims();
+    let capacity = fast.capacity;
+    gather(fast, Some(origins), rows, capacity, len);
+}
+
+/// Replaces the cache by one of `rows` rows and `capacity` positions holding the first `len`
+/// positions of rows `origins` (all rows in order when `None`).
+fn gather(
+    fast: &mut FastCache<Cube>,
+    origins: Option<Tensor<Cube, 1, Int>>,
+    rows: usize,
+    capacity: usize,
+    len: usize,
+) {
+    let device = fast.keys_values.device();
+    let (planes, heads, dh) = (fast.layers * 2, fast.heads, fast.dh);
+    let dst = Tensor::<Cube, 1>::empty([planes * rows * heads * capacity * dh], &device);
+    if len > 0 && rows > 0 && planes > 0 {
+        let mut held = vec![cube(fast.keys_values.clone()), cube(dst.clone())];
+        if let Some(o) = origins {
+            held.push(int32(o));
+        }
+        let (src_rows, src_cap) = (fast.rows, fast.capacity);
+        submit(held, move |dev, ptr, stream| {
+            let kernels = match dev.step.take() {
+                Some(k) => k,
+                None => Kernels::compile(dev)?,
+            };
+            let result = launch(
+                &kernels.gather_rows,
+                ((rows * heads) as u32, planes as u32),
+                ROW_THREADS,
+                0,
+                stream,
+                vec![
+                    Arg::Ptr(ptr[0]),
+                    Arg::Ptr(ptr[1]),
+                    Arg::Ptr(ptr.get(2).copied().unwrap_or(0)),
+                    Arg::I32(src_rows as i32),
+                    Arg::I32(rows as i32),
+                    Arg::I32(heads as i32),
+                    Arg::I32(src_cap as i32),
+                    Arg::I32(capacity as i32),
+                    Arg::I32(len as i32),
+                    Arg::I32(dh as i32),
+                ],
+            );
+            dev.step = Some(kernels);
+            result
+        });
+    }
+    fast.keys_values = dst;
+    fast.rows = rows;
+    fast.capacity = capacity;
+}
