@@ -355,6 +355,102 @@ pub fn step_kernels<B: Backend>() -> Option<StepKernels<B>> {
     STEP_KERNELS.get::<B, StepKernels<B>>()
 }
 
+/// [`StepKernels`] in burn's operations over the [`FastCache`] layout: the contract's
+/// reference. A step moves each layer's cached keys and values out of the flat buffer, runs
+/// burn's cached step and writes the new position back; CPU tests decode with it and without
+/// it and compare.
+pub fn reference_step_kernels<B: Backend>() -> StepKernels<B> {
+    StepKernels {
+        accepts: |_| true,
+        step: reference_step,
+        select_rows: reference_select_rows,
+    }
+}
+
+/// The buffer as `[layers, 2, rows, heads, capacity, dh]`.
+fn fast_view<B: Backend>(fast: &FastCache<B>) -> Tensor<B, 6> {
+    fast.keys_values.clone().reshape([
+        fast.layers,
+        2,
+        fast.rows,
+        fast.heads,
+        fast.capacity,
+        fast.dh,
+    ])
+}
+
+fn reference_step<B: Backend>(
+    decoder: &TransformerDecoder<B>,
+    bias: Tensor<B, 1>,
+    tokens: Tensor<B, 1, Int>,
+    cache: &mut DecoderCache<B>,
+    pad_id: i64,
+) -> Tensor<B, 2> {
+    let t = cache.step;
+    let mut fast = cache.fast.take().expect("a fast cache");
+    if t >= fast.capacity {
+        // Grows as the kernels do: twice the positions, the written ones copied.
+        let view = fast_view(&fast);
+        let grown = Tensor::cat(vec![view.clone(), view.zeros_like()], 4);
+        fast.capacity *= 2;
+        let n = grown.shape().num_elements();
+        fast.keys_values = grown.reshape([n]);
+    }
+    let kv = fast_view(&fast);
+    let written = |plane: usize, l: usize| {
+        let [_, _, rows, heads, _, dh] = kv.dims();
+        kv.clone()
+            .slice([l..l + 1, plane..plane + 1, 0..rows, 0..heads, 0..t, 0..dh])
+            .reshape([rows, heads, t, dh])
+    };
+    for (l, layer) in cache.layers.iter_mut().enumerate() {
+        layer.self_keys = (t > 0).then(|| written(0, l));
+        layer.self_values = (t > 0).then(|| written(1, l));
+    }
+    let hidden = decoder.step(tokens, cache, pad_id);
+    let mut kv = kv;
+    for (l, layer) in cache.layers.iter_mut().enumerate() {
+        for (plane, part) in [layer.self_keys.take(), layer.self_values.take()]
+            .into_iter()
+            .enumerate()
+        {
+            let part = part.expect("the step caches its keys and values");
+            let [rows, heads, _, dh] = part.dims();
+            let new = part.slice([0..rows, 0..heads, t..t + 1, 0..dh]);
+            kv = kv.slice_assign(
+                [
+                    l..l + 1,
+                    plane..plane + 1,
+                    0..rows,
+                    0..heads,
+                    t..t + 1,
+                    0..dh,
+                ],
+                new.unsqueeze::<6>(),
+            );
+        }
+    }
+    let n = fast.keys_values.dims()[0];
+    fast.keys_values = kv.reshape([n]);
+    cache.fast = Some(fast);
+    burn::tensor::activation::log_softmax(
+        crate::dense::project_onto(hidden, decoder.embeddings.weight.val(), bias),
+        1,
+    )
+}
+
+fn reference_select_rows<B: Backend>(
+    fast: &mut FastCache<B>,
+    origins: Tensor<B, 1, Int>,
+    _len: usize,
+) {
+    let [rows] = origins.dims();
+    let kv = fast_view(fast).select(2, origins);
+    fast.rows = rows;
+    let n = kv.shape().num_elements();
+    fast.keys_values = kv.reshape([n]);
+}
+
 impl<B: Backend> DecoderCache<B> {
     /// Number of sources still decoded.
     pub fn sources(&self) -> usize {
@@ -506,7 +602,10 @@ impl<B: Backend> TransformerDecoder<B> {
     fn fast_cache(&self, src_pad: Tensor<B, 2, Bool>, beams: usize) -> FastCache<B> {
         let [sources, _] = src_pad.dims();
         let layers = self.transformer_layers.len();
-        let heads = self.transformer_layers.first().map_or(1, |l| l.self_attn.heads);
+        let heads = self
+            .transformer_layers
+            .first()
+            .map_or(1, |l| l.self_attn.heads);
         let dh = self.d_model / heads;
         let rows = sources * beams;
         let capacity = FAST_CACHE_CAPACITY;

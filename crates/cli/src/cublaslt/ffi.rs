@@ -1500,7 +1500,8 @@ mod tests {
                 let a = model.step(tokens.clone(), &mut ours);
                 let b = model.step(tokens, &mut burns);
                 eprintln!("d {} step {step}", config.encoder.hidden_size);
-                a.into_data().assert_approx_eq::<f32>(&b.into_data(), tolerance);
+                a.into_data()
+                    .assert_approx_eq::<f32>(&b.into_data(), tolerance);
                 if step == 20 {
                     // The first source finishes: its rows go, the second's keep their order.
                     let origins: Vec<usize> = (0..beams).map(|b| beams + (b + 1) % beams).collect();
@@ -1508,10 +1509,13 @@ mod tests {
                     burns.select(&[1], &origins);
                     rows = beams;
                 } else if step % 3 == 0 {
-                    let origins: Vec<i64> =
-                        (0..rows).map(|r| (r / beams * beams + (r + step) % beams) as i64).collect();
-                    let origins =
-                        Tensor::<Cube, 1, Int>::from_data(TensorData::new(origins, [rows]), &device);
+                    let origins: Vec<i64> = (0..rows)
+                        .map(|r| (r / beams * beams + (r + step) % beams) as i64)
+                        .collect();
+                    let origins = Tensor::<Cube, 1, Int>::from_data(
+                        TensorData::new(origins, [rows]),
+                        &device,
+                    );
                     ours.select_rows(origins.clone());
                     burns.select_rows(origins);
                 }

@@ -218,6 +218,9 @@ fn submit(
         }
     });
     if wait {
+        // CubeCL's channel hands tasks to the device thread in batches: a task waited for has
+        // to be flushed to it.
+        handle.flush_queue();
         match receiver.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => panic!("the CUDA decoder step: {e:#}"),
@@ -332,8 +335,10 @@ fn memory(
     keys: Tensor<Cube, 4>,
     values: Tensor<Cube, 4>,
 ) -> (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>, [i64; 3]) {
-    let (mut k, mut v): (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>) =
-        (keys.into_primitive().tensor(), values.into_primitive().tensor());
+    let (mut k, mut v): (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>) = (
+        keys.into_primitive().tensor(),
+        values.into_primitive().tensor(),
+    );
     if k.meta.strides()[3] != 1 || k.meta.strides() != v.meta.strides() {
         k = burn_cubecl::kernel::into_contiguous(k);
         v = burn_cubecl::kernel::into_contiguous(v);
@@ -393,15 +398,11 @@ fn step(
         .zip(&fast.qkv)
         .map(|((layer, lc), (w_qkv, b_qkv))| {
             let ln1 = held.norm(&layer.layer_norm_1);
-            let qkv = (
-                held.weight(w_qkv.clone()),
-                held.vector(b_qkv.clone()),
-            );
+            let qkv = (held.weight(w_qkv.clone()), held.vector(b_qkv.clone()));
             let out = held.linear(&layer.self_attn.final_linear);
             let ln2 = held.norm(&layer.layer_norm_2);
             let query = held.linear(&layer.context_attn.linear_query);
-            let (k, v, memory_strides) =
-                memory(lc.memory_keys.clone(), lc.memory_values.clone());
+            let (k, v, memory_strides) = memory(lc.memory_keys.clone(), lc.memory_values.clone());
             let memory = (held.push(k), held.push(v));
             let context = held.linear(&layer.context_attn.final_linear);
             let ln3 = held.norm(&layer.feed_forward.layer_norm);
@@ -487,7 +488,15 @@ fn step(
                 }
                 let keys = ptr[keys_values] + 2 * l as u64 * plane;
                 let values = keys + plane;
-                affine(dev, stream, [rows, d, 3 * d], xn, w(layer.qkv.0), ptr[layer.qkv.1], qkv)?;
+                affine(
+                    dev,
+                    stream,
+                    [rows, d, 3 * d],
+                    xn,
+                    w(layer.qkv.0),
+                    ptr[layer.qkv.1],
+                    qkv,
+                )?;
                 launch(
                     &k.self_attention,
                     (rows as u32, heads as u32),
@@ -507,9 +516,25 @@ fn step(
                         Arg::F32(scale),
                     ],
                 )?;
-                affine(dev, stream, [rows, d, d], ctx, w(layer.out.0), ptr[layer.out.1], a)?;
+                affine(
+                    dev,
+                    stream,
+                    [rows, d, d],
+                    ctx,
+                    w(layer.out.0),
+                    ptr[layer.out.1],
+                    a,
+                )?;
                 norm(a, layer.ln2)?;
-                affine(dev, stream, [rows, d, d], xn, w(layer.query.0), ptr[layer.query.1], a)?;
+                affine(
+                    dev,
+                    stream,
+                    [rows, d, d],
+                    xn,
+                    w(layer.query.0),
+                    ptr[layer.query.1],
+                    a,
+                )?;
                 let [ss, hs, ps] = layer.memory_strides;
                 launch(
                     &k.cross_attention,
@@ -533,9 +558,25 @@ fn step(
                         Arg::F32(scale),
                     ],
                 )?;
-                affine(dev, stream, [rows, d, d], ctx, w(layer.context.0), ptr[layer.context.1], a)?;
+                affine(
+                    dev,
+                    stream,
+                    [rows, d, d],
+                    ctx,
+                    w(layer.context.0),
+                    ptr[layer.context.1],
+                    a,
+                )?;
                 norm(a, layer.ln3)?;
-                affine(dev, stream, [rows, d, ff], xn, w(layer.w1.0), ptr[layer.w1.1], h)?;
+                affine(
+                    dev,
+                    stream,
+                    [rows, d, ff],
+                    xn,
+                    w(layer.w1.0),
+                    ptr[layer.w1.1],
+                    h,
+                )?;
                 let inner = rows * ff;
                 launch(
                     &k.gelu_tanh,
@@ -545,7 +586,15 @@ fn step(
                     stream,
                     vec![Arg::Ptr(h), Arg::I64(inner as i64)],
                 )?;
-                affine(dev, stream, [rows, ff, d], h, w(layer.w2.0), ptr[layer.w2.1], a)?;
+                affine(
+                    dev,
+                    stream,
+                    [rows, ff, d],
+                    h,
+                    w(layer.w2.0),
+                    ptr[layer.w2.1],
+                    a,
+                )?;
                 // The residual addition, then the next layer's first norm or the final one.
                 let next = layer_indices.get(l + 1).map_or(final_norm, |n| n.ln1);
                 norm(a, next)?;
