@@ -36,8 +36,18 @@ pub fn top_k<B: Backend>(x: Tensor<B, 2>, k: usize) -> (Vec<f32>, Vec<i64>) {
     read_pairs(vec![(values, indices)])
 }
 
-/// [`top_k`] left on the device: `[rows, k]` values and column indices.
+/// [`top_k`] left on the device: `[rows, k]` values and column indices. Through the
+/// backend's own kernel where its step kernels have one ([`StepKernels::top_k`]).
+///
+/// [`StepKernels::top_k`]: palm_model::decoder::StepKernels::top_k
 pub fn top_k_tensors<B: Backend>(x: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
+    let x = match palm_model::decoder::step_kernels::<B>().and_then(|s| s.top_k) {
+        Some(kernel) => match kernel(x, k) {
+            Ok(chosen) => return chosen,
+            Err(x) => *x,
+        },
+        None => x,
+    };
     let [rows, cols] = x.dims();
     let device = x.device();
     let positions = Tensor::<B, 1, Int>::arange(0..cols as i64, &device)

@@ -333,7 +333,18 @@ pub struct StepKernels<B: Backend> {
     /// Makes new row `r` continue from row `origins[r]` (`[rows']`, any number of rows), for
     /// the positions `0..len` written so far.
     pub select_rows: fn(&mut FastCache<B>, Tensor<B, 1, Int>, usize),
+    /// The `k` largest entries of each row of `[rows, cols]` scores, best first and the
+    /// lowest index first among equal values: `[rows, k]` values and column indices. `Err`
+    /// gives the scores back for burn's operations (a type or `k` it does not take); `None`:
+    /// always burn's.
+    pub top_k: Option<TopKFn<B>>,
 }
+
+/// `[rows, k]` values and column indices of the best `k` entries of each row.
+pub type TopK<B> = (Tensor<B, 2>, Tensor<B, 2, Int>);
+
+/// [`StepKernels::top_k`].
+pub type TopKFn<B> = fn(Tensor<B, 2>, usize) -> Result<TopK<B>, Box<Tensor<B, 2>>>;
 
 // Function pointers are copies whatever `B` is (a derive would ask `B: Copy`).
 impl<B: Backend> Clone for StepKernels<B> {
@@ -364,6 +375,7 @@ pub fn reference_step_kernels<B: Backend>() -> StepKernels<B> {
         accepts: |_| true,
         step: reference_step,
         select_rows: reference_select_rows,
+        top_k: None,
     }
 }
 

@@ -1525,4 +1525,41 @@ mod tests {
         palm_model::dense::set_gemm::<Cube>(None);
         palm_model::dense::set_affine::<Cube>(None);
     }
+
+    #[test]
+    fn top_k_kernel_picks_what_rounds_of_arg_max_pick() {
+        // burn's rounds as the reference: no step kernels set meanwhile (the step test sets
+        // them while it holds this lock).
+        let _unset = PRODUCT_TYPE.lock().unwrap_or_else(|e| e.into_inner());
+        palm_model::decoder::set_step_kernels::<Cube>(None);
+        let device = CudaDevice::new(0);
+        let client = CudaRuntime::client(&device);
+        let found = client.exclusive(|| stream::backend_stream(&client).is_some());
+        assert_eq!(found.ok(), Some(true), "CubeCL's stream for this thread");
+        let normal = Distribution::Normal(0.0, 1.0);
+        // A beam-search step's scores at batch 64 (5 × 21,128 per source), one segment, k = 1.
+        for (rows, cols, k) in [(64, 5 * 21128, 5), (3, 1000, 4), (2, 50, 1), (1, 9000, 16)] {
+            let x = Tensor::<Cube, 2>::random([rows, cols], normal, &device);
+            let (values, indices) = step::top_k(x.clone(), k).unwrap_or_else(|_| panic!("taken"));
+            let (v, i) = palm_decode::top_k(x, k);
+            eprintln!("[{rows}, {cols}] k {k}");
+            assert_eq!(values.into_data().to_vec::<f32>().unwrap(), v);
+            let ours: Vec<i64> = indices.into_data().iter::<i64>().collect();
+            assert_eq!(ours, i);
+        }
+        // Ties: the lowest index first, across segments too.
+        let mut row = vec![0.0f32; 9000];
+        for c in [8999, 4100, 17, 5000] {
+            row[c] = 2.0;
+        }
+        row[3] = 3.0;
+        let x = Tensor::<Cube, 2>::from_data(TensorData::new(row, [1, 9000]), &device);
+        let (values, indices) = step::top_k(x, 4).unwrap_or_else(|_| panic!("taken"));
+        assert_eq!(
+            values.into_data().to_vec::<f32>().unwrap(),
+            [3.0, 2.0, 2.0, 2.0]
+        );
+        let ours: Vec<i64> = indices.into_data().iter::<i64>().collect();
+        assert_eq!(ours, [3, 17, 4100, 5000]);
+    }
 }

@@ -38,13 +38,14 @@ __device__ float block_max(float v, float* scratch) {
     return warp_max(lane < warps ? scratch[lane] : neg_infinity());
 }
 
-// x[r] = table[tokens[r]] · scale + position (one row of the sinusoidal table), and pad[r] = 1
-// where the token is the padding id. Grid: rows.
-extern "C" __global__ void embed(const int* tokens, const float* table, const float* position,
-                                 float* x, float* pad, int d, float scale, int pad_id) {
+// x[r] = table[tokens[r]] · scale + position (one row of the sinusoidal table; the table's
+// rows `pitch` floats apart), and pad[r] = 1 where the token is the padding id. Grid: rows.
+extern "C" __global__ void embed(const int* tokens, const float* table, long long pitch,
+                                 const float* position, float* x, float* pad, int d,
+                                 float scale, int pad_id) {
     u64 row = blockIdx.x;
     int token = tokens[row];
-    const float* e = table + (u64)token * d;
+    const float* e = table + token * pitch;
     for (int i = threadIdx.x; i < d; i += blockDim.x) x[row * d + i] = e[i] * scale + position[i];
     if (threadIdx.x == 0) pad[row] = token == pad_id ? 1.0f : 0.0f;
 }
@@ -213,4 +214,81 @@ extern "C" __global__ void gather_rows(const float* src, float* dst, const int* 
     float* to = dst + (((u64)plane * dst_rows + r) * heads + head) * dst_cap * dh;
     u64 n = (u64)len * dh;
     for (u64 i = threadIdx.x; i < n; i += blockDim.x) to[i] = from[i];
+}
+
+// Whether candidate (va, ia) ranks before (vb, ib): the larger value, the lower index among
+// equal values (as rounds of a row-wise arg-max pick them).
+__device__ __forceinline__ bool before(float va, int ia, float vb, int ib) {
+    return va > vb || (va == vb && ia < ib);
+}
+
+#define TOP_K_MAX 16
+
+// The `k` best entries of each segment of `segment` columns (the last one may be shorter) of
+// each row of `x [rows, cols]`, best first: values and column indices (in the row, or
+// `source [rows, cols]`'s entries when given) to `values`, `indices` `[rows, segments, k]`. Each thread keeps its own sorted k best, then k
+// rounds of a block-wide arg-max over the threads' heads. Grid: (rows, segments); k ≤ 16.
+extern "C" __global__ void top_k_segments(const float* x, const int* source, int cols,
+                                          int segment, int k, float* values, int* indices) {
+    __shared__ float best_value[32];
+    __shared__ int best_index[32];
+    float v[TOP_K_MAX];
+    int ix[TOP_K_MAX];
+    for (int j = 0; j < k; ++j) {
+        v[j] = neg_infinity();
+        ix[j] = 0x7fffffff;
+    }
+    int row = blockIdx.x, seg = blockIdx.y;
+    const float* xr = x + (u64)row * cols;
+    int start = seg * segment, end = min(start + segment, cols);
+    for (int c = start + threadIdx.x; c < end; c += blockDim.x) {
+        float value = xr[c];
+        int id = source ? source[(u64)row * cols + c] : c;
+        if (!before(value, id, v[k - 1], ix[k - 1])) continue;
+        int j = k - 1;
+        while (j > 0 && before(value, id, v[j - 1], ix[j - 1])) {
+            v[j] = v[j - 1];
+            ix[j] = ix[j - 1];
+            --j;
+        }
+        v[j] = value;
+        ix[j] = id;
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int head = 0;
+    u64 out = ((u64)row * gridDim.y + seg) * k;
+    for (int round = 0; round < k; ++round) {
+        float bv = head < k ? v[head] : neg_infinity();
+        int bi = head < k ? ix[head] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+            int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+            if (before(ov, oi, bv, bi)) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        if (lane == 0) {
+            best_value[warp] = bv;
+            best_index[warp] = bi;
+        }
+        __syncthreads();
+        bv = lane < warps ? best_value[lane] : neg_infinity();
+        bi = lane < warps ? best_index[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+            int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+            if (before(ov, oi, bv, bi)) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        // Every thread has the winner; its owner moves past it.
+        if (head < k && ix[head] == bi) ++head;
+        if (threadIdx.x == 0) {
+            values[out + round] = bv;
+            indices[out + round] = bi;
+        }
+        __syncthreads();
+    }
 }

@@ -23,9 +23,9 @@ use std::sync::{Mutex, mpsc};
 
 use anyhow::{Context, Result, anyhow};
 use burn::prelude::*;
-use burn::tensor::{DType, IntDType};
+use burn::tensor::{DType, IntDType, Shape, TensorPrimitive};
 use burn_cubecl::cubecl::Runtime;
-use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::cuda::{CudaDevice, CudaRuntime};
 use burn_cubecl::cubecl::device_handle::DeviceHandle;
 use burn_cubecl::cubecl::server::ComputeServer;
 use burn_cubecl::cubecl::stream_id::StreamId;
@@ -33,7 +33,8 @@ use burn_cubecl::tensor::CubeTensor;
 use cudarc::driver::CudaFunction;
 use cudarc::driver::sys::CUstream;
 use palm_model::decoder::{
-    DECODER_LN_EPS, DecoderCache, FastCache, StepKernels, TransformerDecoder, set_step_kernels,
+    DECODER_LN_EPS, DecoderCache, FastCache, StepKernels, TopK, TransformerDecoder,
+    set_step_kernels,
 };
 
 use super::{Cube, Device, Epilogue, Problem, stream, with_device};
@@ -55,6 +56,7 @@ pub fn install() {
         accepts,
         step,
         select_rows,
+        top_k: Some(top_k),
     }));
 }
 
@@ -74,6 +76,7 @@ pub(super) struct Kernels {
     gelu_tanh: CudaFunction,
     log_softmax: CudaFunction,
     gather_rows: CudaFunction,
+    top_k_segments: CudaFunction,
 }
 
 impl Kernels {
@@ -98,6 +101,7 @@ impl Kernels {
             gelu_tanh: f("gelu_tanh")?,
             log_softmax: f("log_softmax")?,
             gather_rows: f("gather_rows")?,
+            top_k_segments: f("top_k_segments")?,
         })
     }
 }
@@ -227,6 +231,21 @@ fn submit(
             Err(_) => panic!("the CUDA decoder step's task did not run"),
         }
     }
+}
+
+/// An uninitialised row-major tensor without padded rows (CubeCL's default allocation may
+/// pad a matrix's rows; the kernels write packed rows).
+fn packed(device: &CudaDevice, shape: &[usize], dtype: DType) -> CubeTensor<CudaRuntime> {
+    burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+        CudaRuntime::client(device),
+        device.clone(),
+        Shape::from(shape.to_vec()),
+        dtype,
+    )
+}
+
+fn float2(t: CubeTensor<CudaRuntime>) -> Tensor<Cube, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 fn cube(t: Tensor<Cube, 1>) -> CubeTensor<CudaRuntime> {
@@ -378,6 +397,8 @@ fn step(
     let mut held = Held::default();
     let tokens = held.push(int32(tokens));
     let table = held.weight(decoder.embeddings.weight.val());
+    // The table's row pitch (a parameter's rows are not padded, but it costs nothing to ask).
+    let table_pitch = held.tensors[table].meta.strides()[0];
     let positions = held.push(burn_cubecl::kernel::into_contiguous(cube2(
         decoder.positions(),
     )));
@@ -389,8 +410,9 @@ fn step(
     let keys_values = held.vector(fast.keys_values.clone());
     let work_floats = rows * (7 * d + ff + 1);
     let work = held.vector(Tensor::empty([work_floats], &device));
-    let out = Tensor::<Cube, 2>::empty([rows, vocab], &device);
-    let out_index = held.push(cube2(out.clone()));
+    let out = packed(&device, &[rows, vocab], DType::F32);
+    let out_index = held.push(out.clone());
+    let out = float2(out);
     let layer_indices: Vec<Layer> = decoder
         .transformer_layers
         .iter()
@@ -474,6 +496,7 @@ fn step(
                 vec![
                     Arg::Ptr(ptr[tokens]),
                     Arg::Ptr(ptr[table]),
+                    Arg::I64(table_pitch as i64),
                     Arg::Ptr(ptr[positions] + f32s(t * d)),
                     Arg::Ptr(x),
                     Arg::Ptr(pad),
@@ -604,7 +627,7 @@ fn step(
             }
             // The generator: x · Eᵀ + b over the tied embedding table `[vocab, d]`.
             let (table_ptr, _) = w(table);
-            let transposed = operand([d, vocab], [1, d]).expect("the table's transpose");
+            let transposed = operand([d, vocab], [1, table_pitch]).expect("the table's transpose");
             affine(
                 dev,
                 stream,
@@ -693,4 +716,78 @@ fn gather(
     fast.keys_values = dst;
     fast.rows = rows;
     fast.capacity = capacity;
+}
+
+/// The largest `k` a [`top_k`] takes (the kernel's per-thread lists).
+const TOP_K_MAX: usize = 16;
+/// Columns per block of [`top_k`]'s first pass.
+const TOP_K_SEGMENT: usize = 4096;
+
+/// The `k` best entries of each row of `x [rows, cols]`, best first and the lowest index first
+/// among equal values (what rounds of arg-max pick): two launches where burn's rounds are
+/// about seventeen. Each block of the first pass keeps the best `k` of a segment of a row
+/// (each thread its own sorted list, then `k` rounds of a block-wide arg-max over the lists'
+/// heads); the second pass picks the best `k` of a row's segments' candidates the same way.
+pub(super) fn top_k(x: Tensor<Cube, 2>, k: usize) -> Result<TopK<Cube>, Box<Tensor<Cube, 2>>> {
+    let [rows, cols] = x.dims();
+    if k == 0
+        || k > TOP_K_MAX
+        || k > cols
+        || rows == 0
+        || x.dtype() != DType::F32
+        || stream::known_stream().is_none()
+    {
+        return Err(Box::new(x));
+    }
+    let device = x.device();
+    let segments = cols.div_ceil(TOP_K_SEGMENT);
+    let values = packed(&device, &[rows, k], DType::F32);
+    let indices = packed(&device, &[rows, k], DType::I32);
+    let mut held = vec![
+        burn_cubecl::kernel::into_contiguous(cube2(x)),
+        values.clone(),
+        indices.clone(),
+    ];
+    let (values, indices) = (
+        float2(values),
+        Tensor::<Cube, 2, Int>::from_primitive(indices),
+    );
+    if segments > 1 {
+        held.push(cube(Tensor::empty([rows * segments * k], &device)));
+        held.push(Tensor::<Cube, 1, Int>::empty([rows * segments * k], &device).into_primitive());
+    }
+    submit(held, move |dev, ptr, stream| {
+        let kernels = match dev.step.take() {
+            Some(k) => k,
+            None => Kernels::compile(dev)?,
+        };
+        let pass = |x: u64, source: u64, cols: usize, segment: usize, out: [u64; 2]| {
+            launch(
+                &kernels.top_k_segments,
+                (rows as u32, cols.div_ceil(segment) as u32),
+                if segment >= 1024 { ROW_THREADS } else { 128 },
+                0,
+                stream,
+                vec![
+                    Arg::Ptr(x),
+                    Arg::Ptr(source),
+                    Arg::I32(cols as i32),
+                    Arg::I32(segment as i32),
+                    Arg::I32(k as i32),
+                    Arg::Ptr(out[0]),
+                    Arg::Ptr(out[1]),
+                ],
+            )
+        };
+        let result = if segments > 1 {
+            let candidates = segments * k;
+            pass(ptr[0], 0, cols, TOP_K_SEGMENT, [ptr[3], ptr[4]])
+                .and_then(|()| pass(ptr[3], ptr[4], candidates, candidates, [ptr[1], ptr[2]]))
+        } else {
+            pass(ptr[0], 0, cols, cols, [ptr[1], ptr[2]])
+        };
+        dev.step = Some(kernels);
+        result
+    });
+    Ok((values, indices))
 }
