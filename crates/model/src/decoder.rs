@@ -305,6 +305,11 @@ pub struct FastCache<B: Backend> {
     pub qkv: Vec<(Tensor<B, 2>, Tensor<B, 1>)>,
     /// `[sources, s]`: 1 at source padding, 0 elsewhere.
     pub src_pad: Tensor<B, 2>,
+    /// For kernels that reorder rows lazily: `[rows, capacity]` flattened, the row of
+    /// `keys_values` holding position `p` of row `r` (which then keeps the rows it was made
+    /// with, and `select_rows` rewrites this table, not the cache). `None`: every row holds
+    /// its own positions.
+    pub slots: Option<Tensor<B, 1, Int>>,
 }
 
 /// Positions a [`FastCache`] holds at first; it doubles when a step needs more.
@@ -648,6 +653,7 @@ impl<B: Backend> TransformerDecoder<B> {
             capacity,
             qkv,
             src_pad: src_pad.float(),
+            slots: None,
         }
     }
 

@@ -39,12 +39,14 @@ __device__ float block_max(float v, float* scratch) {
 }
 
 // x[r] = table[tokens[r]] · scale + position (one row of the sinusoidal table; the table's
-// rows `pitch` floats apart), and pad[r] = 1 where the token is the padding id. Grid: rows.
+// rows `pitch` floats apart), and pad[r] = 1 where the token is the padding id; with a slot
+// table (see `self_attention`), position t of row r is its own. Grid: rows.
 extern "C" __global__ void embed(const int* tokens, const float* table, long long pitch,
                                  const float* position, float* x, float* pad, int d,
-                                 float scale, int pad_id) {
+                                 float scale, int pad_id, int* slots, int cap, int t) {
     u64 row = blockIdx.x;
     int token = tokens[row];
+    if (slots && threadIdx.x == 0) slots[row * cap + t] = (int)row;
     const float* e = table + token * pitch;
     for (int i = threadIdx.x; i < d; i += blockDim.x) x[row * d + i] = e[i] * scale + position[i];
     if (threadIdx.x == 0) pad[row] = token == pad_id ? 1.0f : 0.0f;
@@ -79,13 +81,15 @@ extern "C" __global__ void add_layer_norm(const float* a, float* x, const float*
 }
 
 // Masked self-attention of one decoding position. `qkv [rows, 3d]` holds the query, key and
-// value projections side by side; the layer's cache `keys`, `values` are `[rows, heads, cap,
-// dh]`. Writes this position's key and value at `t`, then ctx[r, head] = softmax(q/√dh ·
+// value projections side by side; the layer's cache `keys`, `values` are `[physical rows,
+// heads, cap, dh]`, and position p < t of row r is held by row slots[r · cap + p] (without a
+// slot table, by row r: beams are reordered by rewriting the table, not the cache). Writes
+// this position's key and value at `t` of the row's own slots, then ctx[r, head] = softmax(q/√dh ·
 // Kᵀ) · V over positions 0..=t; a row whose input is padding gets the uniform average (the
 // reference fills every score with −1e18). Grid: (rows, heads); shared: dh + t + 1 + 32 floats.
 extern "C" __global__ void self_attention(const float* qkv, float* keys, float* values,
-                                          const float* pad, float* ctx, int heads, int dh,
-                                          int cap, int t, float scale) {
+                                          const int* slots, const float* pad, float* ctx,
+                                          int heads, int dh, int cap, int t, float scale) {
     extern __shared__ float shared[];
     float* q = shared;
     float* scores = q + dh;
@@ -103,8 +107,10 @@ extern "C" __global__ void self_attention(const float* qkv, float* keys, float* 
     }
     __syncthreads();
     for (int p = warp; p < n; p += warps) {
+        const float* kp = k + (u64)p * dh;
+        if (slots && p < t) kp = keys + (((u64)slots[row * cap + p] * heads + head) * cap + p) * dh;
         float s = 0.0f;
-        for (int j = lane; j < dh; j += 32) s += q[j] * k[(u64)p * dh + j];
+        for (int j = lane; j < dh; j += 32) s += q[j] * kp[j];
         s = warp_sum(s);
         if (lane == 0) scores[p] = s;
     }
@@ -127,16 +133,22 @@ extern "C" __global__ void self_attention(const float* qkv, float* keys, float* 
     __syncthreads();
     for (int j = threadIdx.x; j < dh; j += blockDim.x) {
         float acc = 0.0f;
-        for (int p = 0; p < n; ++p) acc += scores[p] * v[(u64)p * dh + j];
+        for (int p = 0; p < n; ++p) {
+            const float* vp = v + (u64)p * dh;
+            if (slots && p < t)
+                vp = values + (((u64)slots[row * cap + p] * heads + head) * cap + p) * dh;
+            acc += scores[p] * vp[j];
+        }
         ctx[(u64)row * d + head * dh + j] = acc;
     }
 }
 
-// Attention of every row's query `q [rows, d]` over its source's encoder keys and values:
+// Attention of every row's query `q [rows, d]` over its source's encoder keys and values, a
+// block per row and head (for more beams or positions than `cross_attention` takes):
 // element (source, head, position, j) at source·ss + head·hs + position·ps + j, the source of
 // row r being r / beams; `mask [sources, s]` is 1 at source padding (excluded). Grid: (rows,
 // heads); shared: dh + s + 32 floats.
-extern "C" __global__ void cross_attention(const float* qm, const float* keys,
+extern "C" __global__ void cross_attention_rows(const float* qm, const float* keys,
                                            const float* values, long long ss, long long hs,
                                            long long ps, const float* mask, float* ctx,
                                            int heads, int dh, int s, int beams, float scale) {
@@ -291,4 +303,76 @@ extern "C" __global__ void top_k_segments(const float* x, const int* source, int
         }
         __syncthreads();
     }
+}
+
+// cross_attention_rows for all beams of a source in one block, so that the source's keys and
+// values are read once: the same arguments, grid (sources, heads), beams ≤ 32 and dh ≤ 128;
+// shared: beams · (dh + s) + 32 floats.
+extern "C" __global__ void cross_attention(const float* qm, const float* keys,
+                                           const float* values, long long ss, long long hs,
+                                           long long ps, const float* mask, float* ctx,
+                                           int heads, int dh, int s, int beams, float scale) {
+    extern __shared__ float shared[];
+    float* q = shared;
+    float* scores = q + beams * dh;
+    float* norm = scores + beams * s;
+    int source = blockIdx.x, head = blockIdx.y, d = heads * dh;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int i = threadIdx.x; i < beams * dh; i += blockDim.x) {
+        int b = i / dh, j = i % dh;
+        q[i] = qm[(u64)(source * beams + b) * d + head * dh + j] / scale;
+    }
+    const float* k = keys + source * ss + head * hs;
+    const float* v = values + source * ss + head * hs;
+    const float* masked = mask + (u64)source * s;
+    __syncthreads();
+    for (int p = warp; p < s; p += warps) {
+        if (masked[p] != 0.0f) {
+            if (lane == 0)
+                for (int b = 0; b < beams; ++b) scores[b * s + p] = neg_infinity();
+            continue;
+        }
+        float kp[4];
+        for (int c = 0; c < 4; ++c) kp[c] = c * 32 + lane < dh ? k[p * ps + c * 32 + lane] : 0.0f;
+        for (int b = 0; b < beams; ++b) {
+            float sum = 0.0f;
+            for (int c = 0; c < 4; ++c)
+                if (c * 32 + lane < dh) sum += q[b * dh + c * 32 + lane] * kp[c];
+            sum = warp_sum(sum);
+            if (lane == 0) scores[b * s + p] = sum;
+        }
+    }
+    __syncthreads();
+    for (int b = warp; b < beams; b += warps) {
+        float* row = scores + b * s;
+        float m = neg_infinity();
+        for (int p = lane; p < s; p += 32) m = fmaxf(m, row[p]);
+        m = warp_max(m);
+        float sum = 0.0f;
+        for (int p = lane; p < s; p += 32) {
+            float e = expf(row[p] - m);
+            row[p] = e;
+            sum += e;
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) norm[b] = sum;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < beams * dh; i += blockDim.x) {
+        int b = i / dh, j = i % dh;
+        const float* w = scores + b * s;
+        float acc = 0.0f;
+        for (int p = 0; p < s; ++p) acc += w[p] * v[p * ps + j];
+        ctx[(u64)(source * beams + b) * d + head * dh + j] = acc / norm[b];
+    }
+}
+
+// new[r · new_cap + p] = old[o · old_cap + p] for p < len, o = origins[r] (r without
+// origins); without an old table (every position in its own row), o itself. Grid: rows.
+extern "C" __global__ void gather_slots(const int* old, int old_cap, const int* origins,
+                                        int* fresh, int new_cap, int len) {
+    int r = blockIdx.x;
+    int o = origins ? origins[r] : r;
+    for (int p = threadIdx.x; p < len; p += blockDim.x)
+        fresh[(u64)r * new_cap + p] = old ? old[(u64)o * old_cap + p] : o;
 }

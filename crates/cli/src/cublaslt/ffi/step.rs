@@ -73,9 +73,11 @@ pub(super) struct Kernels {
     add_layer_norm: CudaFunction,
     self_attention: CudaFunction,
     cross_attention: CudaFunction,
+    cross_attention_rows: CudaFunction,
     gelu_tanh: CudaFunction,
     log_softmax: CudaFunction,
     gather_rows: CudaFunction,
+    gather_slots: CudaFunction,
     top_k_segments: CudaFunction,
 }
 
@@ -98,9 +100,11 @@ impl Kernels {
             add_layer_norm: f("add_layer_norm")?,
             self_attention: f("self_attention")?,
             cross_attention: f("cross_attention")?,
+            cross_attention_rows: f("cross_attention_rows")?,
             gelu_tanh: f("gelu_tanh")?,
             log_softmax: f("log_softmax")?,
             gather_rows: f("gather_rows")?,
+            gather_slots: f("gather_slots")?,
             top_k_segments: f("top_k_segments")?,
         })
     }
@@ -408,6 +412,8 @@ fn step(
         fast.src_pad.clone(),
     )));
     let keys_values = held.vector(fast.keys_values.clone());
+    let physical_rows = fast.keys_values.dims()[0] / (fast.layers * 2 * heads * cap * dh);
+    let slots = fast.slots.clone().map(|s| held.push(s.into_primitive()));
     let work_floats = rows * (7 * d + ff + 1);
     let work = held.vector(Tensor::empty([work_floats], &device));
     let out = packed(&device, &[rows, vocab], DType::F32);
@@ -446,6 +452,9 @@ fn step(
         })
         .collect();
     let layouts = held.layouts.clone();
+    // A source's beams in one block read its keys and values once (up to 32 beams, heads of
+    // up to 128 and 48 KiB of shared memory); otherwise a block per row.
+    let per_source = beams <= 32 && dh <= 128 && (beams * (dh + s) + 32) * 4 <= 48 << 10;
 
     submit(held.tensors, move |dev, ptr, stream| {
         let kernels = match dev.step.take() {
@@ -465,7 +474,8 @@ fn step(
             let qkv = ctx + f32s(rows * d);
             let h = qkv + f32s(rows * 3 * d);
             let pad = h + f32s(rows * ff);
-            let plane = f32s(rows * heads * cap * dh);
+            let plane = f32s(physical_rows * heads * cap * dh);
+            let slots = slots.map_or(0, |i| ptr[i]);
             let eps = DECODER_LN_EPS as f32;
             let scale = (dh as f32).sqrt();
             let (d32, dh32, heads32) = (d as i32, dh as i32, heads as i32);
@@ -503,6 +513,9 @@ fn step(
                     Arg::I32(d32),
                     Arg::F32((d as f32).sqrt()),
                     Arg::I32(pad_id as i32),
+                    Arg::Ptr(slots),
+                    Arg::I32(cap as i32),
+                    Arg::I32(t as i32),
                 ],
             )?;
             for (l, layer) in layer_indices.iter().enumerate() {
@@ -530,6 +543,7 @@ fn step(
                         Arg::Ptr(qkv),
                         Arg::Ptr(keys),
                         Arg::Ptr(values),
+                        Arg::Ptr(slots),
                         Arg::Ptr(pad),
                         Arg::Ptr(ctx),
                         Arg::I32(heads32),
@@ -559,11 +573,16 @@ fn step(
                     a,
                 )?;
                 let [ss, hs, ps] = layer.memory_strides;
+                let (kernel, blocks, shared) = if per_source {
+                    (&k.cross_attention, sources, beams * (dh + s) + 32)
+                } else {
+                    (&k.cross_attention_rows, rows, dh + s + 32)
+                };
                 launch(
-                    &k.cross_attention,
-                    (rows as u32, heads as u32),
+                    kernel,
+                    (blocks as u32, heads as u32),
                     ATTENTION_THREADS,
-                    dh + s + 32,
+                    shared,
                     stream,
                     vec![
                         Arg::Ptr(a),
@@ -653,69 +672,130 @@ fn step(
     out
 }
 
-/// Doubles the cache's capacity before position `len` is written.
+/// Doubles the cache's capacity before position `len` is written: every row and its slot
+/// table copied.
 fn grow(fast: &mut FastCache<Cube>, len: usize) {
     let capacity = (fast.capacity * 2).max(len + 1);
-    let rows = fast.rows;
-    gather(fast, None, rows, capacity, len);
+    let device = fast.keys_values.device();
+    let (planes, heads, dh) = (fast.layers * 2, fast.heads, fast.dh);
+    let physical = fast.keys_values.dims()[0] / (planes * heads * fast.capacity * dh);
+    let dst = Tensor::<Cube, 1>::empty([planes * physical * heads * capacity * dh], &device);
+    let old_cap = fast.capacity;
+    if len > 0 && physical > 0 && planes > 0 {
+        let held = vec![cube(fast.keys_values.clone()), cube(dst.clone())];
+        submit(held, move |dev, ptr, stream| {
+            with_kernels(dev, |k| {
+                launch(
+                    &k.gather_rows,
+                    ((physical * heads) as u32, planes as u32),
+                    ROW_THREADS,
+                    0,
+                    stream,
+                    vec![
+                        Arg::Ptr(ptr[0]),
+                        Arg::Ptr(ptr[1]),
+                        Arg::Ptr(0),
+                        Arg::I32(physical as i32),
+                        Arg::I32(physical as i32),
+                        Arg::I32(heads as i32),
+                        Arg::I32(old_cap as i32),
+                        Arg::I32(capacity as i32),
+                        Arg::I32(len as i32),
+                        Arg::I32(dh as i32),
+                    ],
+                )
+            })
+        });
+    }
+    fast.keys_values = dst;
+    fast.capacity = capacity;
+    if let Some(old) = fast.slots.take() {
+        fast.slots = Some(gather_slots(
+            Some(old),
+            old_cap,
+            None,
+            fast.rows,
+            capacity,
+            len,
+        ));
+    }
 }
 
-/// New row `r` continues from row `origins[r]`.
+/// New row `r` continues from row `origins[r]`: the slot table rewritten (made on the first
+/// reordering), the cache left in place.
 fn select_rows(fast: &mut FastCache<Cube>, origins: Tensor<Cube, 1, Int>, len: usize) {
     let [rows] = origins.dims();
-    let capacity = fast.capacity;
-    gather(fast, Some(origins), rows, capacity, len);
+    let (planes, heads, dh) = (fast.layers * 2, fast.heads, fast.dh);
+    let physical = fast.keys_values.dims()[0] / (planes * heads * fast.capacity * dh);
+    // Each row writes its new positions in its own physical row: never more rows than those.
+    assert!(rows <= physical, "{rows} rows for a cache of {physical}");
+    if len > 0 {
+        let old = fast.slots.take();
+        let cap = fast.capacity;
+        fast.slots = Some(gather_slots(old, cap, Some(origins), rows, cap, len));
+    }
+    fast.rows = rows;
 }
 
-/// Replaces the cache by one of `rows` rows and `capacity` positions holding the first `len`
-/// positions of rows `origins` (all rows in order when `None`).
-fn gather(
-    fast: &mut FastCache<Cube>,
+/// A slot table `[rows, capacity]` whose row `r` holds the first `len` entries of row
+/// `origins[r]` (`r` without origins) of `old` (pitch `old_cap`; without a table, every
+/// position of a row held by the row itself).
+fn gather_slots(
+    old: Option<Tensor<Cube, 1, Int>>,
+    old_cap: usize,
     origins: Option<Tensor<Cube, 1, Int>>,
     rows: usize,
     capacity: usize,
     len: usize,
-) {
-    let device = fast.keys_values.device();
-    let (planes, heads, dh) = (fast.layers * 2, fast.heads, fast.dh);
-    let dst = Tensor::<Cube, 1>::empty([planes * rows * heads * capacity * dh], &device);
-    if len > 0 && rows > 0 && planes > 0 {
-        let mut held = vec![cube(fast.keys_values.clone()), cube(dst.clone())];
-        if let Some(o) = origins {
-            held.push(int32(o));
-        }
-        let (src_rows, src_cap) = (fast.rows, fast.capacity);
+) -> Tensor<Cube, 1, Int> {
+    let device = old
+        .as_ref()
+        .map(Tensor::device)
+        .or_else(|| origins.as_ref().map(Tensor::device))
+        .expect("a table or origins");
+    let fresh = packed(&device, &[rows * capacity], DType::I32);
+    let mut held = vec![fresh.clone()];
+    let old = old.map(|o| {
+        held.push(int32(o));
+        held.len() - 1
+    });
+    let origins = origins.map(|o| {
+        held.push(int32(o));
+        held.len() - 1
+    });
+    if rows > 0 && len > 0 {
         submit(held, move |dev, ptr, stream| {
-            let kernels = match dev.step.take() {
-                Some(k) => k,
-                None => Kernels::compile(dev)?,
-            };
-            let result = launch(
-                &kernels.gather_rows,
-                ((rows * heads) as u32, planes as u32),
-                ROW_THREADS,
-                0,
-                stream,
-                vec![
-                    Arg::Ptr(ptr[0]),
-                    Arg::Ptr(ptr[1]),
-                    Arg::Ptr(ptr.get(2).copied().unwrap_or(0)),
-                    Arg::I32(src_rows as i32),
-                    Arg::I32(rows as i32),
-                    Arg::I32(heads as i32),
-                    Arg::I32(src_cap as i32),
-                    Arg::I32(capacity as i32),
-                    Arg::I32(len as i32),
-                    Arg::I32(dh as i32),
-                ],
-            );
-            dev.step = Some(kernels);
-            result
+            with_kernels(dev, |k| {
+                launch(
+                    &k.gather_slots,
+                    (rows as u32, 1),
+                    ATTENTION_THREADS,
+                    0,
+                    stream,
+                    vec![
+                        Arg::Ptr(old.map_or(0, |i| ptr[i])),
+                        Arg::I32(old_cap as i32),
+                        Arg::Ptr(origins.map_or(0, |i| ptr[i])),
+                        Arg::Ptr(ptr[0]),
+                        Arg::I32(capacity as i32),
+                        Arg::I32(len as i32),
+                    ],
+                )
+            })
         });
     }
-    fast.keys_values = dst;
-    fast.rows = rows;
-    fast.capacity = capacity;
+    Tensor::from_primitive(fresh)
+}
+
+/// Runs `f` with the device's compiled kernels (compiled on first use).
+fn with_kernels(device: &mut Device, f: impl FnOnce(&Kernels) -> Result<()>) -> Result<()> {
+    let kernels = match device.step.take() {
+        Some(k) => k,
+        None => Kernels::compile(device)?,
+    };
+    let result = f(&kernels);
+    device.step = Some(kernels);
+    result
 }
 
 /// The largest `k` a [`top_k`] takes (the kernel's per-thread lists).
