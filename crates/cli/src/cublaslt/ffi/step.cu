@@ -86,7 +86,8 @@ extern "C" __global__ void add_layer_norm(const float* a, float* x, const float*
 // slot table, by row r: beams are reordered by rewriting the table, not the cache). Writes
 // this position's key and value at `t` of the row's own slots, then ctx[r, head] = softmax(q/√dh ·
 // Kᵀ) · V over positions 0..=t; a row whose input is padding gets the uniform average (the
-// reference fills every score with −1e18). Grid: (rows, heads); shared: dh + t + 1 + 32 floats.
+// reference fills every score with −1e18). Grid: (rows, heads); shared: dh + t + 1 + 32 +
+// warps · dh floats.
 extern "C" __global__ void self_attention(const float* qkv, float* keys, float* values,
                                           const int* slots, const float* pad, float* ctx,
                                           int heads, int dh, int cap, int t, float scale) {
@@ -131,14 +132,23 @@ extern "C" __global__ void self_attention(const float* qkv, float* keys, float* 
         for (int p = threadIdx.x; p < n; p += blockDim.x) scores[p] /= sum;
     }
     __syncthreads();
-    for (int j = threadIdx.x; j < dh; j += blockDim.x) {
+    // Each warp sums the values of every `warps`-th position, lanes across the head; then the
+    // warps' partial sums are added.
+    float* partial = scratch + 32;
+    for (int j = lane; j < dh; j += 32) {
         float acc = 0.0f;
-        for (int p = 0; p < n; ++p) {
+        for (int p = warp; p < n; p += warps) {
             const float* vp = v + (u64)p * dh;
             if (slots && p < t)
                 vp = values + (((u64)slots[row * cap + p] * heads + head) * cap + p) * dh;
             acc += scores[p] * vp[j];
         }
+        partial[warp * dh + j] = acc;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < dh; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int w = 0; w < warps; ++w) acc += partial[w * dh + j];
         ctx[(u64)row * d + head * dh + j] = acc;
     }
 }
@@ -305,19 +315,24 @@ extern "C" __global__ void top_k_segments(const float* x, const int* source, int
     }
 }
 
+#define CROSS_BEAMS_MAX 8
+
 // cross_attention_rows for all beams of a source in one block, so that the source's keys and
-// values are read once: the same arguments, grid (sources, heads), beams ≤ 32 and dh ≤ 128;
-// shared: beams · (dh + s) + 32 floats.
+// values are read once: the same arguments, grid (sources, heads), beams ≤ 8 and dh ≤ 128. A
+// warp per position for the scores, a warp per beam for the softmax, then each warp sums the
+// values of every `warps`-th position for all beams in registers, and the warps' partial sums
+// are added. Shared: beams · (dh + s) + warps · beams · dh + 32 floats.
 extern "C" __global__ void cross_attention(const float* qm, const float* keys,
                                            const float* values, long long ss, long long hs,
                                            long long ps, const float* mask, float* ctx,
                                            int heads, int dh, int s, int beams, float scale) {
     extern __shared__ float shared[];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float* q = shared;
     float* scores = q + beams * dh;
-    float* norm = scores + beams * s;
+    float* partial = scores + beams * s;
+    float* norm = partial + warps * beams * dh;
     int source = blockIdx.x, head = blockIdx.y, d = heads * dh;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     for (int i = threadIdx.x; i < beams * dh; i += blockDim.x) {
         int b = i / dh, j = i % dh;
         q[i] = qm[(u64)(source * beams + b) * d + head * dh + j] / scale;
@@ -333,9 +348,11 @@ extern "C" __global__ void cross_attention(const float* qm, const float* keys,
             continue;
         }
         float kp[4];
+#pragma unroll
         for (int c = 0; c < 4; ++c) kp[c] = c * 32 + lane < dh ? k[p * ps + c * 32 + lane] : 0.0f;
         for (int b = 0; b < beams; ++b) {
             float sum = 0.0f;
+#pragma unroll
             for (int c = 0; c < 4; ++c)
                 if (c * 32 + lane < dh) sum += q[b * dh + c * 32 + lane] * kp[c];
             sum = warp_sum(sum);
@@ -358,12 +375,37 @@ extern "C" __global__ void cross_attention(const float* qm, const float* keys,
         if (lane == 0) norm[b] = sum;
     }
     __syncthreads();
+    float acc[CROSS_BEAMS_MAX][4];
+#pragma unroll
+    for (int b = 0; b < CROSS_BEAMS_MAX; ++b)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[b][c] = 0.0f;
+    for (int p = warp; p < s; p += warps) {
+        if (masked[p] != 0.0f) continue;
+        float vp[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) vp[c] = c * 32 + lane < dh ? v[p * ps + c * 32 + lane] : 0.0f;
+#pragma unroll
+        for (int b = 0; b < CROSS_BEAMS_MAX; ++b) {
+            if (b < beams) {
+                float w = scores[b * s + p];
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[b][c] += w * vp[c];
+            }
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < CROSS_BEAMS_MAX; ++b)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+            if (b < beams && c * 32 + lane < dh)
+                partial[(warp * beams + b) * dh + c * 32 + lane] = acc[b][c];
+    __syncthreads();
     for (int i = threadIdx.x; i < beams * dh; i += blockDim.x) {
         int b = i / dh, j = i % dh;
-        const float* w = scores + b * s;
-        float acc = 0.0f;
-        for (int p = 0; p < s; ++p) acc += w[p] * v[p * ps + j];
-        ctx[(u64)(source * beams + b) * d + head * dh + j] = acc / norm[b];
+        float sum = 0.0f;
+        for (int w = 0; w < warps; ++w) sum += partial[(w * beams + b) * dh + j];
+        ctx[(u64)(source * beams + b) * d + head * dh + j] = sum / norm[b];
     }
 }
 

@@ -44,6 +44,8 @@ use crate::cublaslt::{Operand, operand};
 const SOURCE: &str = include_str!("step.cu");
 /// Threads per block of the attention kernels (one block per row and head).
 const ATTENTION_THREADS: u32 = 128;
+/// Warps per block of the cross-attention kernel that takes a source's beams together.
+const CROSS_WARPS: usize = 8;
 /// Threads per block of the row kernels (embedding, layer norm, gather) and the GELU.
 const ROW_THREADS: u32 = 256;
 /// Threads per block of the log-softmax over the vocabulary.
@@ -452,9 +454,10 @@ fn step(
         })
         .collect();
     let layouts = held.layouts.clone();
-    // A source's beams in one block read its keys and values once (up to 32 beams, heads of
+    // A source's beams in one block read its keys and values once (up to 8 beams, heads of
     // up to 128 and 48 KiB of shared memory); otherwise a block per row.
-    let per_source = beams <= 32 && dh <= 128 && (beams * (dh + s) + 32) * 4 <= 48 << 10;
+    let source_shared = beams * (dh + s) + CROSS_WARPS * beams * dh + 32;
+    let per_source = beams <= 8 && dh <= 128 && source_shared * 4 <= 48 << 10;
 
     submit(held.tensors, move |dev, ptr, stream| {
         let kernels = match dev.step.take() {
@@ -537,7 +540,7 @@ fn step(
                     &k.self_attention,
                     (rows as u32, heads as u32),
                     ATTENTION_THREADS,
-                    dh + t + 1 + 32,
+                    dh + t + 1 + 32 + ATTENTION_THREADS as usize / 32 * dh,
                     stream,
                     vec![
                         Arg::Ptr(qkv),
@@ -573,15 +576,25 @@ fn step(
                     a,
                 )?;
                 let [ss, hs, ps] = layer.memory_strides;
-                let (kernel, blocks, shared) = if per_source {
-                    (&k.cross_attention, sources, beams * (dh + s) + 32)
+                let (kernel, blocks, threads, shared) = if per_source {
+                    (
+                        &k.cross_attention,
+                        sources,
+                        CROSS_WARPS as u32 * 32,
+                        source_shared,
+                    )
                 } else {
-                    (&k.cross_attention_rows, rows, dh + s + 32)
+                    (
+                        &k.cross_attention_rows,
+                        rows,
+                        ATTENTION_THREADS,
+                        dh + s + 32,
+                    )
                 };
                 launch(
                     kernel,
                     (blocks as u32, heads as u32),
-                    ATTENTION_THREADS,
+                    threads,
                     shared,
                     stream,
                     vec![
