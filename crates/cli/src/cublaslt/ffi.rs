@@ -1457,15 +1457,15 @@ mod tests {
         palm_model::dense::set_gemm::<Cube>(Some(|a, b| wrap(cube_gemm(unwrap(a), unwrap(b)))));
         palm_model::dense::set_affine::<Cube>(Some(affine::cube));
         Cube::seed(&device, 11);
-        // The tiny fixture's shapes, and PALM-base's layers (768 wide, 12 heads of 64, an
-        // inner width of 3,072) with two of them and a small vocabulary.
+        // The tiny fixture's shapes, and PALM-base's decoder layers (768 wide, 8 heads of 96,
+        // an inner width of 3,072) with two of them and a small vocabulary.
         let tiny = ModelConfig::tiny(300);
         let mut base = ModelConfig::tiny(1000);
         base.encoder.hidden_size = 768;
         base.encoder.num_attention_heads = 12;
         base.encoder.intermediate_size = 3072;
         base.encoder.num_hidden_layers = 1;
-        base.palm.dec_heads = 12;
+        base.palm.dec_heads = 8;
         base.palm.dec_ff_size = 3072;
         let tolerance = Tolerance::<f32>::rel_abs(1e-2, 1e-2);
         for config in [tiny, base] {
