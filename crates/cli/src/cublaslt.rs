@@ -51,7 +51,9 @@
 //! again there). Under `bf16-mixed` the optimizer can leave each parameter's bf16 copy for
 //! the next forward pass (`ffi::shadow`, opt-in: `PALM_SHADOW=on`). A product that has run
 //! once is queued on CubeCL's device thread without waiting for it (`PALM_GEMM_SUBMIT=wait`
-//! waits for each).
+//! waits for each). Beam search's decoder step on the inference backend goes one step
+//! further still (`ffi::step`, `PALM_STEP=burn` to turn it off): the whole step, products and
+//! CUDA C kernels of its own, is one task on CubeCL's device thread.
 
 use burn::tensor::DType;
 
