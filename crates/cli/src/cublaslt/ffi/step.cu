@@ -86,8 +86,7 @@ extern "C" __global__ void add_layer_norm(const float* a, float* x, const float*
 // slot table, by row r: beams are reordered by rewriting the table, not the cache). Writes
 // this position's key and value at `t` of the row's own slots, then ctx[r, head] = softmax(q/√dh ·
 // Kᵀ) · V over positions 0..=t; a row whose input is padding gets the uniform average (the
-// reference fills every score with −1e18). Grid: (rows, heads); shared: dh + t + 1 + 32 +
-// warps · dh floats.
+// reference fills every score with −1e18). Grid: (rows, heads); shared: dh + t + 1 + 32 floats.
 extern "C" __global__ void self_attention(const float* qkv, float* keys, float* values,
                                           const int* slots, const float* pad, float* ctx,
                                           int heads, int dh, int cap, int t, float scale) {
@@ -132,23 +131,14 @@ extern "C" __global__ void self_attention(const float* qkv, float* keys, float* 
         for (int p = threadIdx.x; p < n; p += blockDim.x) scores[p] /= sum;
     }
     __syncthreads();
-    // Each warp sums the values of every `warps`-th position, lanes across the head; then the
-    // warps' partial sums are added.
-    float* partial = scratch + 32;
-    for (int j = lane; j < dh; j += 32) {
+    for (int j = threadIdx.x; j < dh; j += blockDim.x) {
         float acc = 0.0f;
-        for (int p = warp; p < n; p += warps) {
+        for (int p = 0; p < n; ++p) {
             const float* vp = v + (u64)p * dh;
             if (slots && p < t)
                 vp = values + (((u64)slots[row * cap + p] * heads + head) * cap + p) * dh;
             acc += scores[p] * vp[j];
         }
-        partial[warp * dh + j] = acc;
-    }
-    __syncthreads();
-    for (int j = threadIdx.x; j < dh; j += blockDim.x) {
-        float acc = 0.0f;
-        for (int w = 0; w < warps; ++w) acc += partial[w * dh + j];
         ctx[(u64)row * d + head * dh + j] = acc;
     }
 }

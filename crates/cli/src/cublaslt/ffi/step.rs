@@ -45,7 +45,7 @@ const SOURCE: &str = include_str!("step.cu");
 /// Threads per block of the attention kernels (one block per row and head).
 const ATTENTION_THREADS: u32 = 128;
 /// Warps per block of the cross-attention kernel that takes a source's beams together.
-const CROSS_WARPS: usize = 8;
+const CROSS_WARPS: usize = 16;
 /// Threads per block of the row kernels (embedding, layer norm, gather) and the GELU.
 const ROW_THREADS: u32 = 256;
 /// Threads per block of the log-softmax over the vocabulary.
@@ -540,7 +540,7 @@ fn step(
                     &k.self_attention,
                     (rows as u32, heads as u32),
                     ATTENTION_THREADS,
-                    dh + t + 1 + 32 + ATTENTION_THREADS as usize / 32 * dh,
+                    dh + t + 1 + 32,
                     stream,
                     vec![
                         Arg::Ptr(qkv),
