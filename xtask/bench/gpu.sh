@@ -8,8 +8,8 @@
 # step, cuBLASLt's included, with launch shapes and DRAM/SM throughput).
 # Knobs (environment): PRECISIONS and MODES (palm's and PyTorch's float settings),
 # TRAIN_BATCHES, NODROP_BATCHES (also without dropout on both sides), DECODE=0 (training
-# only), TRAIN=0 (decoding only, palm's and PyTorch's), FIXTURE=0 / UNIT=0 / DEMO=0 (parts of checks),
-# FIXTURE_DEVICES (default "cpu cuda burn"; cpu is the reference and must stay), DEMO_ARGS,
+# only), TRAIN=0 (decoding only, palm's and PyTorch's), FIXTURE=0 / UNIT=0 / DEMO=0 (parts
+# of checks), FIXTURE_DEVICES (default "cpu cuda burn"; cpu is the reference and must stay), DEMO_ARGS,
 # DECODE_ARGS (more `palm bench decode` flags, e.g. --reads every-step), PROFILE_PARTS (train
 # and/or decode), SAVE_CACHE=0, *_TIMEOUT, TRACE=1 (palm's part also writes each kernel's
 # device time after its timed steps: `palm bench --trace`,
@@ -18,7 +18,7 @@
 # switches pass through (PALM_GEMM=burn, PALM_BACKWARD=burn, PALM_GEMM_MIN_MACS,
 # PALM_CROSS_ATTENTION=decomposed, PALM_FUSION=1, PALM_KERNELS=burn, PALM_GEMM_STREAM=own,
 # PALM_AFFINE=composed, PALM_FFN=wide, PALM_ATTENTION=wide, PALM_ATTENTION_GEMM=burn|recopy,
-# PALM_SHADOW=on, PALM_GEMM_SUBMIT=wait).
+# PALM_SHADOW=on, PALM_GEMM_SUBMIT=wait, PALM_STEP=burn).
 # REV names the binary's commit in results.jsonl: pass the one `cargo xtask bench gpu` prints
 # (`git rev-parse` on the GPU machine reports the tree it was handed, not the build's).
 set -uo pipefail
