@@ -116,11 +116,6 @@ impl<B: Backend> MultiHeadedAttention<B> {
         }
     }
 
-    /// Number of heads.
-    pub fn heads(&self) -> usize {
-        self.heads
-    }
-
     /// Query projection, split into heads and divided by sqrt(dh) as the reference does.
     fn query(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
         let dh = x.dims()[2] / self.heads;
@@ -288,7 +283,9 @@ pub struct DecoderCache<B: Backend> {
 #[derive(Debug, Clone)]
 pub struct FastCache<B: Backend> {
     /// Every layer's self-attention keys and values, `[layers, 2, rows, heads, capacity, dh]`
-    /// flattened (keys before values); positions `0..step` of each row are written.
+    /// flattened (keys before values; with `slots`, the rows the cache was made with);
+    /// positions `0..step` are written. The kernels write it in place: a cloned cache shares
+    /// it.
     pub keys_values: Tensor<B, 1>,
     /// Decoder layers.
     pub layers: usize,

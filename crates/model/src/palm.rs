@@ -134,9 +134,8 @@ impl<B: Backend> Palm<B> {
 
     /// One cached decoding step: log-probabilities `[rows, vocab]` of the token after `tokens`.
     pub fn step(&self, tokens: Tensor<B, 1, Int>, cache: &mut DecoderCache<B>) -> Tensor<B, 2> {
-        if cache.fast.is_some()
-            && let Some(kernels) = step_kernels::<B>()
-        {
+        if cache.fast.is_some() {
+            let kernels = step_kernels::<B>().expect("a fast cache is made with step kernels");
             let bias = self.generator.dense.bias.val();
             return (kernels.step)(&self.decoder, bias, tokens, cache, self.pad_id);
         }

@@ -10,9 +10,11 @@
 //! writes this position's key and value into a cache laid out for it (no concatenation), the
 //! cross-attention's query product and kernel, three more products with their biases in
 //! cuBLASLt's epilogue and the GELU. The embedding, the final norm, the generator's product
-//! and a log-softmax close the step, and a reordering of the beams' rows is one gather
-//! launch. Everything stays f32 (the products in TF32, as burn's path); what burn's step
-//! computes, up to the order of the sums (GPU unit test `step_kernels_match_burns_step`).
+//! and a log-softmax close the step. Reordering the beams' rows rewrites a slot table (which
+//! cache row holds each row's positions; one launch) instead of copying the cache, and the
+//! search's top-k is two launches ([`top_k`]). Everything stays f32 (the products in TF32, as
+//! burn's path); what burn's step computes, up to the order of the sums (GPU unit tests
+//! `step_kernels_match_burns_step`, `top_k_kernel_picks_what_rounds_of_arg_max_pick`).
 //!
 //! Used for `f32` inference on CubeCL's stream ([`accepts`]); `PALM_STEP=burn` keeps burn's
 //! operations.
