@@ -455,20 +455,23 @@ fn step(
             }
         })
         .collect();
-    let layouts = held.layouts.clone();
+    let Held { tensors, layouts } = held;
     // A source's beams in one block read its keys and values once (up to 8 beams, heads of
     // up to 128 and 48 KiB of shared memory); otherwise a block per row.
     let source_shared = beams * (dh + s) + CROSS_WARPS * beams * dh + 32;
     let per_source = beams <= 8 && dh <= 128 && source_shared * 4 <= 48 << 10;
 
-    submit(held.tensors, move |dev, ptr, stream| {
-        let kernels = match dev.step.take() {
-            Some(k) => k,
-            None => Kernels::compile(dev)?,
-        };
-        let result = (|| -> Result<()> {
-            let k = &kernels;
+    submit(tensors, move |dev, ptr, stream| {
+        with_kernels(dev, |dev, k| {
             let w = |i: usize| (ptr[i], layouts[i].expect("a weight's layout"));
+            // `out [rows, n] = x [rows, k] · W + b` for a layer's `(W, b)` at `(w, b)`.
+            let linear = |dev: &mut Device,
+                          [inner, n]: [usize; 2],
+                          x: u64,
+                          (wi, bi): (usize, usize),
+                          out: u64| {
+                affine(dev, stream, [rows, inner, n], x, w(wi), ptr[bi], out)
+            };
             let f32s = |n: usize| (n * 4) as u64;
             // The work buffer: x, its norm, a scratch row block, attention's context, the
             // query/key/value projections, the feed-forward's inner activation, the padding.
@@ -529,15 +532,7 @@ fn step(
                 }
                 let keys = ptr[keys_values] + 2 * l as u64 * plane;
                 let values = keys + plane;
-                affine(
-                    dev,
-                    stream,
-                    [rows, d, 3 * d],
-                    xn,
-                    w(layer.qkv.0),
-                    ptr[layer.qkv.1],
-                    qkv,
-                )?;
+                linear(dev, [d, 3 * d], xn, layer.qkv, qkv)?;
                 launch(
                     &k.self_attention,
                     (rows as u32, heads as u32),
@@ -558,25 +553,9 @@ fn step(
                         Arg::F32(scale),
                     ],
                 )?;
-                affine(
-                    dev,
-                    stream,
-                    [rows, d, d],
-                    ctx,
-                    w(layer.out.0),
-                    ptr[layer.out.1],
-                    a,
-                )?;
+                linear(dev, [d, d], ctx, layer.out, a)?;
                 norm(a, layer.ln2)?;
-                affine(
-                    dev,
-                    stream,
-                    [rows, d, d],
-                    xn,
-                    w(layer.query.0),
-                    ptr[layer.query.1],
-                    a,
-                )?;
+                linear(dev, [d, d], xn, layer.query, a)?;
                 let [ss, hs, ps] = layer.memory_strides;
                 let (kernel, blocks, threads, shared) = if per_source {
                     (
@@ -615,25 +594,9 @@ fn step(
                         Arg::F32(scale),
                     ],
                 )?;
-                affine(
-                    dev,
-                    stream,
-                    [rows, d, d],
-                    ctx,
-                    w(layer.context.0),
-                    ptr[layer.context.1],
-                    a,
-                )?;
+                linear(dev, [d, d], ctx, layer.context, a)?;
                 norm(a, layer.ln3)?;
-                affine(
-                    dev,
-                    stream,
-                    [rows, d, ff],
-                    xn,
-                    w(layer.w1.0),
-                    ptr[layer.w1.1],
-                    h,
-                )?;
+                linear(dev, [d, ff], xn, layer.w1, h)?;
                 let inner = rows * ff;
                 launch(
                     &k.gelu_tanh,
@@ -643,15 +606,7 @@ fn step(
                     stream,
                     vec![Arg::Ptr(h), Arg::I64(inner as i64)],
                 )?;
-                affine(
-                    dev,
-                    stream,
-                    [rows, ff, d],
-                    h,
-                    w(layer.w2.0),
-                    ptr[layer.w2.1],
-                    a,
-                )?;
+                linear(dev, [ff, d], h, layer.w2, a)?;
                 // The residual addition, then the next layer's first norm or the final one.
                 let next = layer_indices.get(l + 1).map_or(final_norm, |n| n.ln1);
                 norm(a, next)?;
@@ -679,9 +634,7 @@ fn step(
                 stream,
                 vec![Arg::Ptr(ptr[out_index]), Arg::I32(vocab as i32)],
             )
-        })();
-        dev.step = Some(kernels);
-        result
+        })
     });
     cache.step += 1;
     out
@@ -699,7 +652,7 @@ fn grow(fast: &mut FastCache<Cube>, len: usize) {
     if len > 0 && physical > 0 && planes > 0 {
         let held = vec![cube(fast.keys_values.clone()), cube(dst.clone())];
         submit(held, move |dev, ptr, stream| {
-            with_kernels(dev, |k| {
+            with_kernels(dev, |_, k| {
                 launch(
                     &k.gather_rows,
                     ((physical * heads) as u32, planes as u32),
@@ -780,7 +733,7 @@ fn gather_slots(
     });
     if rows > 0 && len > 0 {
         submit(held, move |dev, ptr, stream| {
-            with_kernels(dev, |k| {
+            with_kernels(dev, |_, k| {
                 launch(
                     &k.gather_slots,
                     (rows as u32, 1),
@@ -802,13 +755,16 @@ fn gather_slots(
     Tensor::from_primitive(fresh)
 }
 
-/// Runs `f` with the device's compiled kernels (compiled on first use).
-fn with_kernels(device: &mut Device, f: impl FnOnce(&Kernels) -> Result<()>) -> Result<()> {
+/// Runs `f` with the device and its compiled kernels (compiled on first use).
+fn with_kernels(
+    device: &mut Device,
+    f: impl FnOnce(&mut Device, &Kernels) -> Result<()>,
+) -> Result<()> {
     let kernels = match device.step.take() {
         Some(k) => k,
         None => Kernels::compile(device)?,
     };
-    let result = f(&kernels);
+    let result = f(device, &kernels);
     device.step = Some(kernels);
     result
 }
@@ -852,37 +808,33 @@ pub(super) fn top_k(x: Tensor<Cube, 2>, k: usize) -> Result<TopK<Cube>, Box<Tens
         held.push(Tensor::<Cube, 1, Int>::empty([rows * segments * k], &device).into_primitive());
     }
     submit(held, move |dev, ptr, stream| {
-        let kernels = match dev.step.take() {
-            Some(k) => k,
-            None => Kernels::compile(dev)?,
-        };
-        let pass = |x: u64, source: u64, cols: usize, segment: usize, out: [u64; 2]| {
-            launch(
-                &kernels.top_k_segments,
-                (rows as u32, cols.div_ceil(segment) as u32),
-                if segment >= 1024 { ROW_THREADS } else { 128 },
-                0,
-                stream,
-                vec![
-                    Arg::Ptr(x),
-                    Arg::Ptr(source),
-                    Arg::I32(cols as i32),
-                    Arg::I32(segment as i32),
-                    Arg::I32(k as i32),
-                    Arg::Ptr(out[0]),
-                    Arg::Ptr(out[1]),
-                ],
-            )
-        };
-        let result = if segments > 1 {
-            let candidates = segments * k;
-            pass(ptr[0], 0, cols, TOP_K_SEGMENT, [ptr[3], ptr[4]])
-                .and_then(|()| pass(ptr[3], ptr[4], candidates, candidates, [ptr[1], ptr[2]]))
-        } else {
-            pass(ptr[0], 0, cols, cols, [ptr[1], ptr[2]])
-        };
-        dev.step = Some(kernels);
-        result
+        with_kernels(dev, |_, kernels| {
+            let pass = |x: u64, source: u64, cols: usize, segment: usize, out: [u64; 2]| {
+                launch(
+                    &kernels.top_k_segments,
+                    (rows as u32, cols.div_ceil(segment) as u32),
+                    if segment >= 1024 { ROW_THREADS } else { 128 },
+                    0,
+                    stream,
+                    vec![
+                        Arg::Ptr(x),
+                        Arg::Ptr(source),
+                        Arg::I32(cols as i32),
+                        Arg::I32(segment as i32),
+                        Arg::I32(k as i32),
+                        Arg::Ptr(out[0]),
+                        Arg::Ptr(out[1]),
+                    ],
+                )
+            };
+            if segments > 1 {
+                let candidates = segments * k;
+                pass(ptr[0], 0, cols, TOP_K_SEGMENT, [ptr[3], ptr[4]])
+                    .and_then(|()| pass(ptr[3], ptr[4], candidates, candidates, [ptr[1], ptr[2]]))
+            } else {
+                pass(ptr[0], 0, cols, cols, [ptr[1], ptr[2]])
+            }
+        })
     });
     Ok((values, indices))
 }
