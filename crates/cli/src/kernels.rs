@@ -28,6 +28,8 @@ use crate::device::GpuUnfused;
 mod attention;
 mod layer_norm;
 
+pub(crate) use attention::next_seed as next_dropout_seed;
+
 /// Lanes per row: one plane (a warp on NVIDIA GPUs).
 const LANES: u32 = 32;
 

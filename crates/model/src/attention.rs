@@ -72,6 +72,58 @@ pub fn attention<B: Backend>(
     batched_product(cast_to(probs, narrow), v)
 }
 
+/// The operands of [`multi_head_attention`]: queries `[b, tq, h·dh]` (already scaled), keys and
+/// values `[b, tk, h·dh]`, the number of heads `h`, the mask (broadcastable to
+/// `[b, h, tq, tk]`, `true` where the key is hidden) and the dropout probability of the
+/// attention probabilities.
+pub type HeadsOperands<B> = (
+    Tensor<B, 3>,
+    Tensor<B, 3>,
+    Tensor<B, 3>,
+    usize,
+    Tensor<B, 4, Bool>,
+    f64,
+);
+
+/// Multi-head attention as one operation for one backend (device kernels that read each head
+/// where the projections wrote it, with their own backward pass); it hands the operands back
+/// (`Err`) for those it does not take.
+pub type HeadsAttention<B> = fn(HeadsOperands<B>) -> Result<Tensor<B, 3>, Box<HeadsOperands<B>>>;
+
+static HEADS: PerBackend = PerBackend::new();
+
+/// Computes [`multi_head_attention`] on backend `B` through `f` (`None`: [`split_heads`],
+/// [`attention`] and [`merge_heads`] again).
+pub fn set_heads_attention<B: Backend>(f: Option<HeadsAttention<B>>) {
+    HEADS.set::<B, _>(f);
+}
+
+/// Multi-head attention over the projections' rows: queries `[b, tq, h·dh]` (already scaled),
+/// keys and values `[b, tk, h·dh]`, and the heads' outputs side by side, `[b, tq, h·dh]`.
+/// Through the backend's [`HeadsAttention`] if one is set and takes the operands, else as
+/// [`split_heads`], [`attention`] (its mask, dropout and float types) and [`merge_heads`].
+pub fn multi_head_attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    mask: Tensor<B, 4, Bool>,
+    dropout: &burn::nn::Dropout,
+) -> Tensor<B, 3> {
+    let (q, k, v, mask) = match HEADS.get::<B, HeadsAttention<B>>() {
+        Some(f) => match f((q, k, v, heads, mask, dropout.prob)) {
+            Ok(out) => return out,
+            Err(operands) => {
+                let (q, k, v, _, mask, _) = *operands;
+                (q, k, v, mask)
+            }
+        },
+        None => (q, k, v, mask),
+    };
+    let split = |x| split_heads(x, heads);
+    merge_heads(attention(split(q), split(k), split(v), Some(mask), dropout))
+}
+
 /// `softmax(q·kᵀ / √dh, masked keys hidden) · v` through burn's fused attention op, which a
 /// backend may run as one kernel (CubeCL autotunes its flash kernels against the decomposed
 /// path; the CPU backend decomposes). `q` is *not* pre-scaled: the flash kernels take only
@@ -190,6 +242,57 @@ mod tests {
             1,
             "7 keys handed back"
         );
+    }
+
+    #[test]
+    fn heads_attention_set_for_a_backend_takes_what_it_accepts_and_hands_back_the_rest() {
+        // Its own backend type: no other test sets heads attention for it.
+        type H = NdArray<f64, i16>;
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        // Takes three query rows (answering with zeros), hands back anything else.
+        fn three_rows(operands: HeadsOperands<H>) -> Result<Tensor<H, 3>, Box<HeadsOperands<H>>> {
+            let q = &operands.0;
+            if q.dims()[1] != 3 {
+                return Err(Box::new(operands));
+            }
+            CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(q.zeros_like())
+        }
+        let device = NdArrayDevice::Cpu;
+        let normal = Distribution::Normal(0.0, 1.0);
+        let no_dropout = burn::nn::DropoutConfig::new(0.0).init();
+        let (b, heads, tk, dh) = (2, 3, 5, 4);
+        let k = Tensor::<H, 3>::random([b, tk, heads * dh], normal, &device);
+        let v = Tensor::<H, 3>::random([b, tk, heads * dh], normal, &device);
+        let hidden: Vec<bool> = (0..b * tk).map(|i| i == tk - 1).collect();
+        let mask = Tensor::<H, 4, Bool>::from_data(TensorData::new(hidden, [b, 1, 1, tk]), &device);
+        set_heads_attention::<H>(Some(three_rows));
+        for tq in [3, 4] {
+            let q = Tensor::<H, 3>::random([b, tq, heads * dh], normal, &device);
+            let out = multi_head_attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                heads,
+                mask.clone(),
+                &no_dropout,
+            );
+            let composed = merge_heads(attention(
+                split_heads(q, heads),
+                split_heads(k.clone(), heads),
+                split_heads(v.clone(), heads),
+                Some(mask.clone()),
+                &no_dropout,
+            ));
+            assert_eq!(out.dims(), [b, tq, heads * dh]);
+            if tq == 3 {
+                assert_eq!(out.abs().max().into_scalar(), 0.0, "the backend's answer");
+            } else {
+                out.into_data().assert_eq(&composed.into_data(), true);
+            }
+        }
+        set_heads_attention::<H>(None);
+        assert_eq!(CALLS.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -7,7 +7,8 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
 use burn::prelude::*;
 
 use crate::attention::{
-    attention, fused_attention, fused_cross_attention, merge_heads, split_heads,
+    attention, fused_attention, fused_cross_attention, merge_heads, multi_head_attention,
+    split_heads,
 };
 use crate::dense::Narrow::{Heads, Inner};
 use crate::dense::{dense, dense_narrow};
@@ -116,24 +117,32 @@ impl<B: Backend> MultiHeadedAttention<B> {
         }
     }
 
-    /// Query projection, split into heads and divided by sqrt(dh) as the reference does.
-    fn query(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
+    /// Query projection, divided by sqrt(dh) as the reference does: `[b, t, h·dh]`.
+    fn query_rows(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let dh = x.dims()[2] / self.heads;
-        split_heads(dense_narrow(&self.linear_query, x, Heads), self.heads)
-            .div_scalar((dh as f64).sqrt())
+        dense_narrow(&self.linear_query, x, Heads).div_scalar((dh as f64).sqrt())
+    }
+
+    /// [`Self::query_rows`] split into heads: `[b, h, t, dh]`.
+    fn query(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
+        split_heads(self.query_rows(x), self.heads)
+    }
+
+    /// Key and value projections of `x`: `[b, t, h·dh]` each.
+    fn keys_values_rows(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        (
+            dense_narrow(&self.linear_keys, x.clone(), Heads),
+            dense_narrow(&self.linear_values, x, Heads),
+        )
     }
 
     /// Keys and values of `x`, split into heads: `[b, h, t, dh]` each.
     pub fn keys_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        (
-            split_heads(
-                dense_narrow(&self.linear_keys, x.clone(), Heads),
-                self.heads,
-            ),
-            split_heads(dense_narrow(&self.linear_values, x, Heads), self.heads),
-        )
+        let (k, v) = self.keys_values_rows(x);
+        (split_heads(k, self.heads), split_heads(v, self.heads))
     }
 
+    /// Attention over heads already split (the cached step's), then the output projection.
     fn forward(
         &self,
         q: Tensor<B, 4>,
@@ -144,6 +153,22 @@ impl<B: Backend> MultiHeadedAttention<B> {
         dense(
             &self.final_linear,
             merge_heads(attention(q, k, v, Some(mask), &self.dropout)),
+        )
+    }
+
+    /// Attention over the projections' rows (`x` the queries' input, `memory` the keys' and
+    /// values'), then the output projection.
+    fn forward_rows(
+        &self,
+        x: Tensor<B, 3>,
+        memory: Tensor<B, 3>,
+        mask: Tensor<B, 4, Bool>,
+    ) -> Tensor<B, 3> {
+        let (k, v) = self.keys_values_rows(memory);
+        let q = self.query_rows(x);
+        dense(
+            &self.final_linear,
+            multi_head_attention(q, k, v, self.heads, mask, &self.dropout),
         )
     }
 }
@@ -185,16 +210,10 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         src_mask: Tensor<B, 4, Bool>,
     ) -> Tensor<B, 3> {
         let xn = norm(&self.layer_norm_1, x.clone());
-        let (k, v) = self.self_attn.keys_values(xn.clone());
-        let a = self
-            .self_attn
-            .forward(self.self_attn.query(xn), k, v, self_mask);
+        let a = self.self_attn.forward_rows(xn.clone(), xn, self_mask);
         let q = grad::dropout(&self.drop, a) + x;
         let qn = norm(&self.layer_norm_2, q.clone());
-        let (mk, mv) = self.context_attn.keys_values(memory);
-        let c = self
-            .context_attn
-            .forward(self.context_attn.query(qn), mk, mv, src_mask);
+        let c = self.context_attn.forward_rows(qn, memory, src_mask);
         self.feed_forward(grad::dropout(&self.drop, c) + q)
     }
 

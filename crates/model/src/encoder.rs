@@ -6,7 +6,7 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 
-use crate::attention::{attention, merge_heads, split_heads};
+use crate::attention::multi_head_attention;
 use crate::config::BertConfig;
 use crate::dense::Narrow::{Heads, Inner};
 use crate::dense::{dense, dense_narrow};
@@ -197,11 +197,9 @@ impl<B: Backend> BertLayer<B> {
         let a = &self.attention.self_attn;
         let dh = x.dims()[2] / a.heads;
         let scale = 1.0 / (dh as f64).sqrt();
-        let heads = |layer: &Linear<B>| split_heads(dense_narrow(layer, x.clone(), Heads), a.heads);
-        let q = heads(&a.query).mul_scalar(scale);
-        let k = heads(&a.key);
-        let v = heads(&a.value);
-        let ctx = merge_heads(attention(q, k, v, Some(mask), &a.dropout));
+        let rows = |layer: &Linear<B>| dense_narrow(layer, x.clone(), Heads);
+        let q = rows(&a.query).mul_scalar(scale);
+        let ctx = multi_head_attention(q, rows(&a.key), rows(&a.value), a.heads, mask, &a.dropout);
         let h = self.attention.output.forward(ctx, x);
         let inner = gelu(dense_narrow(&self.intermediate.dense, h.clone(), Inner));
         self.output.forward(inner, h)

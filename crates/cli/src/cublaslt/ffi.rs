@@ -77,6 +77,9 @@ pub fn install(index: usize) -> Result<()> {
         }
     }
     step::install();
+    if !std::env::var("PALM_ATTENTION").is_ok_and(|v| v == "composed") {
+        palm_model::attention::set_heads_attention::<Autodiff<Gpu>>(Some(attention::autodiff));
+    }
     match std::env::var("PALM_ATTENTION_GEMM").as_deref() {
         Ok("burn") => {}
         Ok("recopy") => palm_model::dense::set_batched::<Autodiff<Gpu>>(Some(batched::autodiff)),
@@ -599,6 +602,8 @@ struct Device {
     no_epilogue: std::collections::HashSet<Problem>,
     /// The decoder step's kernels, compiled on first use.
     step: Option<step::Kernels>,
+    /// The training attention's kernels per shape class, compiled on first use.
+    attention: HashMap<attention::Class, attention::Kernels>,
 }
 
 // The raw cuBLASLt handles are used under the `DEVICES` mutex only.
@@ -650,6 +655,7 @@ impl Device {
             plans: HashMap::new(),
             no_epilogue: Default::default(),
             step: None,
+            attention: HashMap::new(),
         })
     }
 
@@ -1048,6 +1054,7 @@ mod stream {
 }
 
 mod affine;
+mod attention;
 mod batched;
 mod shadow;
 mod step;

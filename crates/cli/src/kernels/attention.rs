@@ -199,7 +199,7 @@ struct Params {
 
 /// A new seed per call: a counter through SplitMix64's finaliser (the same sequence in every
 /// process, as burn's seeded random tensors are).
-fn next_seed() -> u32 {
+pub(crate) fn next_seed() -> u32 {
     static CALLS: AtomicU64 = AtomicU64::new(0);
     let mut z = CALLS
         .fetch_add(1, Ordering::Relaxed)

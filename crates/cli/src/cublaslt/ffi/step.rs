@@ -115,7 +115,7 @@ impl Kernels {
 }
 
 /// A kernel argument.
-enum Arg {
+pub(super) enum Arg {
     Ptr(u64),
     I32(i32),
     I64(i64),
@@ -129,6 +129,19 @@ fn launch(
     block: u32,
     shared_floats: usize,
     stream: CUstream,
+    args: Vec<Arg>,
+) -> Result<()> {
+    let shared = u32::try_from(shared_floats * 4).context("shared memory size")?;
+    launch_grid(f, (grid.0, grid.1, 1), block, shared, stream, args)
+}
+
+/// [`launch`] on a three-dimensional grid, with `shared` bytes of dynamic shared memory.
+pub(super) fn launch_grid(
+    f: &CudaFunction,
+    grid: (u32, u32, u32),
+    block: u32,
+    shared: u32,
+    stream: CUstream,
     mut args: Vec<Arg>,
 ) -> Result<()> {
     let mut params: Vec<*mut c_void> = args
@@ -140,21 +153,20 @@ fn launch(
             Arg::F32(v) => (v as *mut f32).cast(),
         })
         .collect();
-    let shared = u32::try_from(shared_floats * 4).context("shared memory size")?;
     // SAFETY: `params` points at values of the types the kernel's parameters declare, in
     // order, alive until the launch returns (the driver copies them); the pointers among them
     // are live allocations of the sizes the kernel reads and writes.
     unsafe {
         cudarc::driver::result::launch_kernel(
             f.cu_function(),
-            (grid.0, grid.1, 1),
+            grid,
             (block, 1, 1),
             shared,
             stream,
             &mut params,
         )
     }
-    .map_err(|e| anyhow!("launching a decoder step kernel: {e:?}"))
+    .map_err(|e| anyhow!("launching a CUDA kernel of our own: {e:?}"))
 }
 
 /// `out [m, n] = x [m, k] · w + bias`: `w` at `w.0`, laid out as `w.1`; f32, TF32 products.
@@ -193,7 +205,7 @@ static STARTED: AtomicBool = AtomicBool::new(false);
 /// Runs `task` on CubeCL's device thread after everything queued before it, with the device
 /// pointers of `held` (kept alive until it has queued its launches) and CubeCL's stream;
 /// waits for the first task of the process, not for later ones.
-fn submit(
+pub(super) fn submit(
     held: Vec<CubeTensor<CudaRuntime>>,
     task: impl FnOnce(&mut Device, &[u64], CUstream) -> Result<()> + Send + 'static,
 ) {
@@ -202,7 +214,7 @@ fn submit(
         .unwrap_or_else(|e| e.into_inner())
         .take()
     {
-        panic!("an earlier CUDA decoder step failed: {e:#}");
+        panic!("an earlier task of our CUDA kernels failed: {e:#}");
     }
     let stream = stream::known_stream().expect("accepted with CubeCL's stream known") as usize;
     let index = held[0].device.index;
@@ -235,8 +247,8 @@ fn submit(
         handle.flush_queue();
         match receiver.recv() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("the CUDA decoder step: {e:#}"),
-            Err(_) => panic!("the CUDA decoder step's task did not run"),
+            Ok(Err(e)) => panic!("a task of our CUDA kernels: {e:#}"),
+            Err(_) => panic!("a task of our CUDA kernels did not run"),
         }
     }
 }
