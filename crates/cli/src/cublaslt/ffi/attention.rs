@@ -549,15 +549,18 @@ mod tests {
 
     type B = Autodiff<Gpu>;
 
+    /// The CPU backend, which computes the reference.
+    type Cpu = Autodiff<burn_ndarray::NdArray<f32>>;
+
+    /// `t` as f32 values.
+    fn values(t: Tensor<B, 3>) -> Vec<f32> {
+        t.cast(FloatDType::F32).into_data().to_vec::<f32>().unwrap()
+    }
+
     /// The largest difference between `a` and `b` over the largest magnitude of `b`.
-    fn relative_error(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
-        let a = a.cast(FloatDType::F32).into_data().to_vec::<f32>().unwrap();
-        let b = b.cast(FloatDType::F32).into_data().to_vec::<f32>().unwrap();
+    fn relative_error(a: &[f32], b: &[f32]) -> f32 {
         let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let worst = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(
             scale > 0.0 && worst.is_finite(),
             "scale {scale}, error {worst}"
@@ -565,22 +568,41 @@ mod tests {
         worst / scale
     }
 
-    /// Softmax attention in f32 from burn's operations, as the composed path computes it.
+    /// Softmax attention in f32 from burn's operations on the CPU, as the composed path computes
+    /// it, and the gradients of `Σ out · weights`: `[out, dq, dk, dv]`.
     fn reference(
-        [q, k, v]: [Tensor<B, 3>; 3],
+        [q, k, v]: [&Tensor<B, 3>; 3],
         heads: usize,
-        mask: Tensor<B, 4, Bool>,
-    ) -> Tensor<B, 3> {
+        mask: &Tensor<B, 4, Bool>,
+        weights: &Tensor<B, 3>,
+    ) -> [Vec<f32>; 4] {
+        let device = burn_ndarray::NdArrayDevice::Cpu;
+        let cpu = |t: &Tensor<B, 3>| {
+            let data = TensorData::new(values(t.clone()), t.dims());
+            Tensor::<Cpu, 3>::from_data(data, &device)
+        };
+        let [q, k, v] = [q, k, v].map(|t| cpu(t).require_grad());
+        let mask = Tensor::<Cpu, 4, Bool>::from_data(mask.to_data(), &device);
         let [b, tq, d] = q.dims();
         let tk = k.dims()[1];
-        let split = |x: Tensor<B, 3>, t: usize| x.reshape([b, t, heads, d / heads]).swap_dims(1, 2);
-        let scores = split(q, tq).matmul(split(k, tk).swap_dims(2, 3));
+        let split =
+            |x: Tensor<Cpu, 3>, t: usize| x.reshape([b, t, heads, d / heads]).swap_dims(1, 2);
+        let scores = split(q.clone(), tq).matmul(split(k.clone(), tk).swap_dims(2, 3));
         let scores = scores.mask_fill(mask.expand([b, heads, tq, tk]), MASK_FILL);
         let probs = burn::tensor::activation::softmax(scores, 3);
-        probs
-            .matmul(split(v, tk))
+        let out = probs
+            .matmul(split(v.clone(), tk))
             .swap_dims(1, 2)
-            .reshape([b, tq, d])
+            .reshape([b, tq, d]);
+        let grads = (out.clone() * cpu(weights)).sum().backward();
+        let flat =
+            |t: Tensor<burn_ndarray::NdArray<f32>, 3>| t.into_data().to_vec::<f32>().unwrap();
+        [
+            flat(out.inner()),
+            flat(q.grad(&grads).expect("dq")),
+            flat(k.grad(&grads).expect("dk")),
+            flat(v.grad(&grads).expect("dv")),
+        ]
     }
 
     /// Random bf16 operands `[b, t, d]`, untracked (the queries scaled as the model scales them).
@@ -631,34 +653,21 @@ mod tests {
             ];
             for mask in masks {
                 let what = format!("[{b}, {heads}, {tq}, {tk}, {dh}], mask {:?}", mask.dims());
-                let run = |ours: bool| {
-                    let leaves = [&q, &k, &v].map(|t| {
-                        let t = if ours {
-                            (*t).clone()
-                        } else {
-                            t.clone().cast(FloatDType::F32)
-                        };
-                        t.require_grad()
-                    });
-                    let y = if ours {
-                        let [q, k, v] = leaves.clone();
-                        autodiff((q, k, v, heads, mask.clone(), 0.0))
-                            .unwrap_or_else(|_| panic!("{what}: taken"))
-                    } else {
-                        reference(leaves.clone(), heads, mask.clone())
-                    };
-                    let grads = (y.clone().cast(FloatDType::F32) * weights.clone())
-                        .sum()
-                        .backward();
-                    let [dq, dk, dv] = leaves
-                        .map(|t| Tensor::<B, 3>::from_inner(t.grad(&grads).expect("a gradient")));
-                    [y, dq, dk, dv]
+                let [ql, kl, vl] = [&q, &k, &v].map(|t| t.clone().require_grad());
+                let y = autodiff((ql.clone(), kl.clone(), vl.clone(), heads, mask.clone(), 0.0))
+                    .unwrap_or_else(|_| panic!("{what}: taken"));
+                assert_eq!(y.dtype(), DType::BF16, "{what}: output in bf16");
+                let grads = (y.clone().cast(FloatDType::F32) * weights.clone())
+                    .sum()
+                    .backward();
+                let gradient = |t: &Tensor<B, 3>| {
+                    values(Tensor::from_inner(t.grad(&grads).expect("a gradient")))
                 };
-                let (ours, expected) = (run(true), run(false));
-                assert_eq!(ours[0].dtype(), DType::BF16, "{what}: output in bf16");
+                let ours = [values(y), gradient(&ql), gradient(&kl), gradient(&vl)];
+                let expected = reference([&q, &k, &v], heads, &mask, &weights);
                 for (name, (a, e)) in ["out", "dq", "dk", "dv"]
                     .iter()
-                    .zip(ours.into_iter().zip(expected))
+                    .zip(ours.iter().zip(&expected))
                 {
                     let error = relative_error(a, e);
                     eprintln!("{what} {name}: {error:.2e}");
@@ -685,7 +694,7 @@ mod tests {
         let y = call(0.3, v_leaf.clone()).cast(FloatDType::F32);
         let plain = call(0.0, v.clone()).cast(FloatDType::F32);
         // Dropout changes the output.
-        let changed = relative_error(y.clone(), plain);
+        let changed = relative_error(&values(y.clone()), &values(plain));
         assert!(changed > 0.1, "dropout changed the output by {changed}");
         // The output is linear in v through the dropped probabilities M: with the loss
         // Σ y·ȳ (ȳ held fixed), dv = Mᵀ ȳ and Σ dv·v = Σ ȳ·(M v) = Σ y·ȳ, if and only if the
