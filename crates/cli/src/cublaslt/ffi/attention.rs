@@ -77,16 +77,19 @@ impl Class {
         })
     }
 
-    /// Dynamic shared memory of the forward kernel, in bytes.
-    fn forward_shared(self) -> usize {
-        let ldh = self.dh + PAD;
-        ((QUERY_TILE + self.keys) * ldh + self.dh * (self.keys + PAD)) * 2
+    /// Dynamic shared memory of the forward kernel, in bytes, with the mask's rows held: one
+    /// when every query shares it, else a block's.
+    fn forward_shared(self, per_query_mask: bool) -> usize {
+        let tiles = (QUERY_TILE + 2 * self.keys) * (self.dh + PAD) * 2;
+        tiles + if per_query_mask { QUERY_TILE } else { 1 } * self.keys
     }
 
-    /// Dynamic shared memory of the backward kernel, in bytes.
-    fn backward_shared(self) -> usize {
+    /// Dynamic shared memory of the backward kernel, in bytes (the mask's rows as forward).
+    fn backward_shared(self, per_query_mask: bool) -> usize {
         let ldh = self.dh + PAD;
-        ((2 * self.queries + 2 * self.keys) * ldh + 2 * self.keys * (self.queries + PAD)) * 2
+        let overlaid = (2 * self.keys * ldh).max(2 * self.queries * (self.keys + PAD));
+        let tiles = (2 * self.queries * ldh + overlaid) * 2;
+        tiles + if per_query_mask { self.queries } else { 1 } * self.keys
     }
 }
 
@@ -130,8 +133,8 @@ impl Kernels {
             Ok(f)
         };
         Ok(Self {
-            forward: function("attention_forward", class.forward_shared())?,
-            backward: function("attention_backward", class.backward_shared())?,
+            forward: function("attention_forward", class.forward_shared(true))?,
+            backward: function("attention_backward", class.backward_shared(true))?,
         })
     }
 }
@@ -162,11 +165,11 @@ struct Params {
 }
 
 /// How a kernel reads a `[b, t, h·dh]` tensor: its rows' strides (the last axis contiguous,
-/// both strides even for the kernels' paired loads).
+/// both strides multiples of 8 elements for the kernels' 16-byte copies).
 fn rows_of(t: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, [i64; 2]) {
     let readable = |t: &CubeTensor<CudaRuntime>| {
         let s = t.meta.strides();
-        s[2] == 1 && s[0].is_multiple_of(2) && s[1].is_multiple_of(2)
+        s[2] == 1 && s[0].is_multiple_of(8) && s[1].is_multiple_of(8)
     };
     let t = if readable(&t) {
         t
@@ -208,6 +211,12 @@ fn run(
     if stream::known_stream().is_some() {
         return submit(held, task);
     }
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "the attention kernels wait for CubeCL's device thread: its stream is not known here"
+        );
+    }
     let client = held[0].client.clone();
     let index = held[0].device.index;
     let result = client
@@ -237,6 +246,17 @@ fn run(
     if let Err(e) = result {
         panic!("the attention kernels: {e:#}");
     }
+}
+
+/// Checks that the tensors at `pointers` other than the mask (index 3) start on 16 bytes, as the
+/// kernels' copies need (CubeCL's allocations do).
+fn check_aligned(pointers: &[u64]) -> Result<()> {
+    for (i, p) in pointers.iter().enumerate() {
+        if i != 3 && p % 16 != 0 {
+            anyhow::bail!("tensor {i} of an attention kernel starts at {p:#x}, not on 16 bytes");
+        }
+    }
+    Ok(())
 }
 
 /// The arguments of a `[b, t, h·dh]` tensor at `pointer`: the pointer and its rows' strides.
@@ -272,6 +292,7 @@ fn forward_kernel(
     let os = [(p.tq * d) as i64, d as i64];
     let held = vec![q, k, v, mask, out.clone()];
     run(held, move |device, ptr, stream| {
+        check_aligned(ptr)?;
         with_kernels(device, p.class, |kernels| {
             let mut args = Vec::with_capacity(22);
             args.extend(rows_args(ptr[0], qs));
@@ -286,7 +307,7 @@ fn forward_kernel(
                 p.heads as u32,
                 p.batch as u32,
             );
-            let shared = p.class.forward_shared() as u32;
+            let shared = p.class.forward_shared(ms[2] != 0) as u32;
             launch_grid(
                 &kernels.forward,
                 grid,
@@ -316,6 +337,7 @@ fn backward_kernel(
     let (qo, ko) = ([(p.tq * d) as i64, d as i64], [(p.tk * d) as i64, d as i64]);
     let held = vec![q, k, v, mask, g, dq.clone(), dk.clone(), dv.clone()];
     run(held, move |device, ptr, stream| {
+        check_aligned(ptr)?;
         with_kernels(device, p.class, |kernels| {
             let mut args = Vec::with_capacity(31);
             args.extend(rows_args(ptr[0], qs));
@@ -328,7 +350,7 @@ fn backward_kernel(
             args.extend(rows_args(ptr[6], ko));
             args.extend(rows_args(ptr[7], ko));
             args.extend(tail(p));
-            let shared = p.class.backward_shared() as u32;
+            let shared = p.class.backward_shared(ms[2] != 0) as u32;
             launch_grid(
                 &kernels.backward,
                 (p.heads as u32, p.batch as u32, 1),
@@ -472,7 +494,8 @@ pub(super) fn autodiff(
     let class = (heads > 0 && d.is_multiple_of(heads))
         .then(|| Class::of(d / heads, tq, tk))
         .flatten();
-    let fits = |c: Class| c.forward_shared().max(c.backward_shared()) <= shared_limit(&device);
+    let fits =
+        |c: Class| c.forward_shared(true).max(c.backward_shared(true)) <= shared_limit(&device);
     let taken = [q.dtype(), k.dtype(), v.dtype()] == [DType::BF16; 3]
         && [bk, bv, tv, dk, dv] == [b, b, tk, d, d]
         && (mb == b || mb == 1)
