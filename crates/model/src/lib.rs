@@ -23,7 +23,7 @@ pub mod import;
 mod init;
 pub mod mlm;
 pub mod palm;
-mod registry;
+pub mod registry;
 
 pub use config::{BertConfig, ModelConfig, PalmConfig};
 pub use decoder::DecoderCache;

@@ -6,14 +6,21 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Values of type `T<B>` keyed by the backend type `B` (a handful at most).
-pub(crate) struct PerBackend {
+pub struct PerBackend {
     entries: RwLock<Vec<(TypeId, Box<dyn Any + Send + Sync>)>>,
     /// Whether any entry is set: the common case (none) costs one atomic load.
     any: AtomicBool,
 }
 
+impl Default for PerBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl PerBackend {
-    pub(crate) const fn new() -> Self {
+    /// No value for any backend.
+    pub const fn new() -> Self {
         Self {
             entries: RwLock::new(Vec::new()),
             any: AtomicBool::new(false),
@@ -21,7 +28,7 @@ impl PerBackend {
     }
 
     /// Sets (`Some`) or removes (`None`) the value of backend `B`.
-    pub(crate) fn set<B: 'static, T: Any + Send + Sync>(&self, value: Option<T>) {
+    pub fn set<B: 'static, T: Any + Send + Sync>(&self, value: Option<T>) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         entries.retain(|(id, _)| *id != TypeId::of::<B>());
         if let Some(value) = value {
@@ -31,7 +38,7 @@ impl PerBackend {
     }
 
     /// The value of backend `B`, if one of type `T` is set.
-    pub(crate) fn get<B: 'static, T: Any + Copy>(&self) -> Option<T> {
+    pub fn get<B: 'static, T: Any + Copy>(&self) -> Option<T> {
         if !self.any.load(Ordering::Relaxed) {
             return None;
         }

@@ -77,6 +77,9 @@ pub fn install(index: usize) -> Result<()> {
         }
     }
     step::install();
+    if !std::env::var("PALM_ADAMW").is_ok_and(|v| v == "burn") {
+        palm_train::optim::set_adamw_step::<Gpu>(Some(adamw::step));
+    }
     if !std::env::var("PALM_ATTENTION").is_ok_and(|v| v == "composed") {
         palm_model::attention::set_heads_attention::<Autodiff<Gpu>>(Some(attention::autodiff));
     }
@@ -604,6 +607,8 @@ struct Device {
     step: Option<step::Kernels>,
     /// The training attention's kernels per shape class, compiled on first use.
     attention: HashMap<attention::Class, attention::Kernels>,
+    /// The optimizer's kernel, compiled on first use.
+    adamw: Option<cudarc::driver::CudaFunction>,
 }
 
 // The raw cuBLASLt handles are used under the `DEVICES` mutex only.
@@ -656,6 +661,7 @@ impl Device {
             no_epilogue: Default::default(),
             step: None,
             attention: HashMap::new(),
+            adamw: None,
         })
     }
 
@@ -1053,6 +1059,7 @@ mod stream {
     }
 }
 
+mod adamw;
 mod affine;
 mod attention;
 mod batched;

@@ -253,6 +253,53 @@ pub(super) fn submit(
     }
 }
 
+/// Runs `task` with the device pointers of `held` on CubeCL's stream, after everything queued
+/// there: queued on CubeCL's device thread when its stream is known ([`submit`]); else on
+/// that thread after the backend's queue has drained, on cuBLASLt's own stream, waited for.
+pub(super) fn run(
+    held: Vec<CubeTensor<CudaRuntime>>,
+    task: impl FnOnce(&mut Device, &[u64], CUstream) -> Result<()> + Send + 'static,
+) {
+    if stream::known_stream().is_some() {
+        return submit(held, task);
+    }
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "our CUDA kernels wait for CubeCL's device thread: its stream is not known here"
+        );
+    }
+    let client = held[0].client.clone();
+    let index = held[0].device.index;
+    let result = client
+        .exclusive(|| -> Result<()> {
+            let resources = held
+                .iter()
+                .map(|t| {
+                    client
+                        .get_resource(t.handle.clone())
+                        .map_err(|e| anyhow!("a CUDA tensor's memory: {e:?}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let pointers: Vec<u64> = resources.iter().map(|r| r.resource().ptr).collect();
+            if let Some(found) = stream::backend_stream(&client) {
+                return with_device(index, |d| task(d, &pointers, found.cast()));
+            }
+            burn_cubecl::cubecl::future::block_on(client.sync())
+                .map_err(|e| anyhow!("the CUDA stream synchronises: {e:?}"))?;
+            with_device(index, |d| {
+                let own = d.stream.clone();
+                task(d, &pointers, own.cu_stream())?;
+                own.synchronize().context("our CUDA kernels' stream")
+            })
+        })
+        .map_err(|e| anyhow!("CubeCL's device thread: {e:?}"))
+        .and_then(|r| r);
+    if let Err(e) = result {
+        panic!("a task of our CUDA kernels: {e:#}");
+    }
+}
+
 /// An uninitialised row-major tensor without padded rows (CubeCL's default allocation may
 /// pad a matrix's rows; the kernels write packed rows).
 fn packed(device: &CudaDevice, shape: &[usize], dtype: DType) -> CubeTensor<CudaRuntime> {
