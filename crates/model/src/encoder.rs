@@ -4,7 +4,6 @@
 
 use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
 
 use crate::attention::multi_head_attention;
 use crate::config::BertConfig;
@@ -201,7 +200,7 @@ impl<B: Backend> BertLayer<B> {
         let q = rows(&a.query).mul_scalar(scale);
         let ctx = multi_head_attention(q, rows(&a.key), rows(&a.value), a.heads, mask, &a.dropout);
         let h = self.attention.output.forward(ctx, x);
-        let inner = gelu(dense_narrow(&self.intermediate.dense, h.clone(), Inner));
+        let inner = grad::gelu(dense_narrow(&self.intermediate.dense, h.clone(), Inner));
         self.output.forward(inner, h)
     }
 }

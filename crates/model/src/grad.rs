@@ -78,6 +78,7 @@ impl<B: Backend> Copy for Written<B> {}
 static WRITTEN: PerBackend = PerBackend::new();
 static ROW_KERNELS: PerBackend = PerBackend::new();
 static LAYER_NORMS: PerBackend = PerBackend::new();
+static GELUS: PerBackend = PerBackend::new();
 
 /// Runs [`layer_norm`] on backend `B` through `f` (`None`: the other paths again), before the
 /// [`install`]ed or [`set_row_kernels`] ones: a training backend's layer norm as device
@@ -251,6 +252,28 @@ pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
             (ops.softmax)(x).reshape(dims)
         }
         None => burn::tensor::activation::softmax(x, D - 1),
+    }
+}
+
+/// GELU of `[rows, d]` as one operation of a backend, forward and backward (a binary's
+/// kernels); it hands back (`Err`) what it does not take.
+pub type GeluFn<B> = fn(Tensor<B, 2>) -> Result<Tensor<B, 2>, Box<Tensor<B, 2>>>;
+
+/// Computes [`gelu`] on backend `B` through `f` (`None`: burn's `gelu` again).
+pub fn set_gelu<B: Backend>(f: Option<GeluFn<B>>) {
+    GELUS.set::<B, _>(f);
+}
+
+/// GELU, `x/2 · (1 + erf(x/√2))` (BERT's): through the backend's [`GeluFn`] where one is set
+/// and takes `x`, else burn's `gelu`.
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let Some(f) = GELUS.get::<B, GeluFn<B>>() else {
+        return burn::tensor::activation::gelu(x);
+    };
+    let (x, dims) = rows(x);
+    match f(x) {
+        Ok(y) => y.reshape(dims),
+        Err(x) => burn::tensor::activation::gelu(x.reshape(dims)),
     }
 }
 
@@ -738,6 +761,33 @@ mod tests {
 
     fn normal<const D: usize>(shape: [usize; D], scale: f64) -> Tensor<A, D> {
         Tensor::random(shape, Distribution::Normal(0.0, scale), &NdArrayDevice::Cpu)
+    }
+
+    #[test]
+    fn gelu_set_for_a_backend_takes_what_it_accepts_and_hands_back_the_rest() {
+        // Its own backend type: no other test sets a GELU for it.
+        type H = NdArray<f64, i16>;
+        // Takes rows of 3 (answering with zeros), hands back the rest.
+        fn rows_of_three(x: Tensor<H, 2>) -> Result<Tensor<H, 2>, Box<Tensor<H, 2>>> {
+            if x.dims()[1] != 3 {
+                return Err(Box::new(x));
+            }
+            Ok(x.zeros_like())
+        }
+        let device = Default::default();
+        let x =
+            |d: usize| Tensor::<H, 3>::random([2, 4, d], Distribution::Normal(0.0, 1.0), &device);
+        set_gelu::<H>(Some(rows_of_three));
+        let (three, five) = (x(3), x(5));
+        assert_eq!(
+            gelu(three).abs().max().into_scalar(),
+            0.0,
+            "the backend's answer"
+        );
+        gelu(five.clone())
+            .into_data()
+            .assert_eq(&burn::tensor::activation::gelu(five).into_data(), true);
+        set_gelu::<H>(None);
     }
 
     #[test]

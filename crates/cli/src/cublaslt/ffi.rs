@@ -80,6 +80,9 @@ pub fn install(index: usize) -> Result<()> {
     if !std::env::var("PALM_ADAMW").is_ok_and(|v| v == "burn") {
         palm_train::optim::set_adamw_step::<Gpu>(Some(adamw::step));
     }
+    if !std::env::var("PALM_GELU").is_ok_and(|v| v == "burn") {
+        palm_model::grad::set_gelu::<Autodiff<Gpu>>(Some(gelu::autodiff));
+    }
     if !std::env::var("PALM_ATTENTION").is_ok_and(|v| v == "composed") {
         palm_model::attention::set_heads_attention::<Autodiff<Gpu>>(Some(attention::autodiff));
     }
@@ -609,6 +612,8 @@ struct Device {
     attention: HashMap<attention::Class, attention::Kernels>,
     /// The optimizer's kernel, compiled on first use.
     adamw: Option<cudarc::driver::CudaFunction>,
+    /// The training GELU's kernels, compiled on first use.
+    gelu: Option<gelu::Kernels>,
 }
 
 // The raw cuBLASLt handles are used under the `DEVICES` mutex only.
@@ -662,6 +667,7 @@ impl Device {
             step: None,
             attention: HashMap::new(),
             adamw: None,
+            gelu: None,
         })
     }
 
@@ -1063,6 +1069,7 @@ mod adamw;
 mod affine;
 mod attention;
 mod batched;
+mod gelu;
 mod shadow;
 mod step;
 
