@@ -246,6 +246,23 @@ mod tests {
         SEEN.lock().unwrap().push(t);
     }
 
+    /// A linear layer of random parameters, made now (a lazily initialised one would differ
+    /// between clones), and burn's AdamW with the settings of [`adamw`].
+    fn layer_and_burns_adamw<A: AutodiffBackend>(
+        device: &A::Device,
+    ) -> (Linear<A>, OptimizerAdaptor<AdamW, Linear<A>, A>) {
+        let normal = Distribution::Normal(0.0, 1.0);
+        let layer = Linear {
+            weight: Param::from_tensor(Tensor::random([3, 4], normal, device)),
+            bias: Some(Param::from_tensor(Tensor::random([4], normal, device))),
+        };
+        let burns = AdamWConfig::new()
+            .with_epsilon(1e-8)
+            .with_weight_decay(0.01)
+            .init::<A, Linear<A>>();
+        (layer, burns)
+    }
+
     fn step<O: Optimizer<Linear<B>, B>>(optim: &mut O, layer: Linear<B>) -> Linear<B> {
         let device = NdArrayDevice::Cpu;
         let x = Tensor::<B, 2>::from_data([[1.0, -2.0, 0.5], [0.25, 3.0, -1.0]], &device);
@@ -271,15 +288,7 @@ mod tests {
             Ok(reference_adamw_step::<H>(operands))
         }
         let device = NdArrayDevice::Cpu;
-        let normal = Distribution::Normal(0.0, 1.0);
-        let layer = Linear::<A> {
-            weight: Param::from_tensor(Tensor::random([3, 4], normal, &device)),
-            bias: Some(Param::from_tensor(Tensor::random([4], normal, &device))),
-        };
-        let mut burns = AdamWConfig::new()
-            .with_epsilon(1e-8)
-            .with_weight_decay(0.01)
-            .init::<A, Linear<A>>();
+        let (layer, mut burns) = layer_and_burns_adamw::<A>(&device);
         let mut ours = adamw::<A, Linear<A>>(0.01);
         set_adamw_step::<H>(Some(matrices));
         let forward = |layer: &Linear<A>| {
@@ -310,16 +319,7 @@ mod tests {
     #[test]
     fn shadowing_adamw_steps_as_adamw_and_hands_over_each_parameter_it_writes() {
         let device = NdArrayDevice::Cpu;
-        // Parameters made now (a lazily initialised one would differ between the clones).
-        let normal = Distribution::Normal(0.0, 1.0);
-        let layer = Linear {
-            weight: Param::from_tensor(Tensor::random([3, 4], normal, &device)),
-            bias: Some(Param::from_tensor(Tensor::random([4], normal, &device))),
-        };
-        let mut plain = AdamWConfig::new()
-            .with_epsilon(1e-8)
-            .with_weight_decay(0.01)
-            .init::<B, Linear<B>>();
+        let (layer, mut plain) = layer_and_burns_adamw::<B>(&device);
         let mut shadowing = adamw::<B, Linear<B>>(0.01);
 
         palm_model::dense::set_shadow::<Inner>(Some(record));

@@ -102,6 +102,59 @@ fn wrap<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 2> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
+/// A custom operation of the fusion backend over float tensors: `f` computes its outputs from
+/// its inputs' CubeCL tensors when the stream executes it.
+struct FloatOp<F> {
+    desc: CustomOpIr,
+    f: F,
+}
+
+impl<F> std::fmt::Debug for FloatOp<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FloatOp").field("desc", &self.desc).finish()
+    }
+}
+
+impl<F> Operation<FusionR> for FloatOp<F>
+where
+    F: Fn(Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>> + Send + Sync,
+{
+    fn execute(&self, handles: &mut HandleContainer<Handle>) {
+        let inputs = self
+            .desc
+            .inputs
+            .iter()
+            .map(|t| handles.get_float_tensor::<Cube>(t))
+            .collect();
+        for (ir, t) in self.desc.outputs.iter().zip((self.f)(inputs)) {
+            handles.register_float_tensor::<Cube>(&ir.id, t);
+        }
+    }
+}
+
+/// Registers `f` as the custom operation `name` of the fusion backend on the float `inputs`,
+/// with outputs of `outputs`' shapes and types.
+fn float_op(
+    name: &'static str,
+    inputs: Vec<FusionTensor<FusionR>>,
+    outputs: Vec<(Shape, DType)>,
+    f: impl Fn(Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>> + Send + Sync + 'static,
+) -> Vec<FusionTensor<FusionR>> {
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(inputs.iter());
+    let outputs: Vec<TensorIr> = outputs
+        .into_iter()
+        .map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), shape, dtype))
+        .collect();
+    let irs: Vec<TensorIr> = inputs.into_iter().map(FusionTensor::into_ir).collect();
+    let desc = CustomOpIr::new(name, &irs, &outputs);
+    client.register(
+        streams,
+        OperationIr::Custom(desc.clone()),
+        FloatOp { desc, f },
+    )
+}
+
 /// Whether [`install`] found CubeCL's stream for its thread (products then do not drain).
 static IN_STREAM: OnceLock<bool> = OnceLock::new();
 

@@ -10,17 +10,15 @@
 //! custom operation per parameter, the same arithmetic in f32.
 
 use anyhow::{Context, Result, anyhow};
-use burn::tensor::{DType, Shape};
+use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use burn_fusion::FusionTensor;
-use burn_fusion::stream::{Operation, OperationStreams};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use cudarc::driver::CudaFunction;
 use palm_train::optim::{AdamWOperands, AdamWUpdate};
 
 use super::step::{Arg, launch_grid, run};
-use super::{Cube, Device, FusionR, Gpu, Handle};
+use super::{Device, FusionR, Gpu, float_op};
 
 /// The device code.
 const SOURCE: &str = include_str!("adamw.cu");
@@ -111,41 +109,11 @@ fn cube_update(
 
 /// The update as a custom operation of the fusion backend.
 fn fusion_update(inputs: Vec<FusionTensor<FusionR>>, u: AdamWUpdate) -> [FusionTensor<FusionR>; 3] {
-    #[derive(Debug)]
-    struct UpdateOp {
-        desc: CustomOpIr,
-        update: AdamWUpdate,
-    }
-
-    impl Operation<FusionR> for UpdateOp {
-        fn execute(&self, handles: &mut HandleContainer<Handle>) {
-            let inputs = self
-                .desc
-                .inputs
-                .iter()
-                .map(|t| handles.get_float_tensor::<Cube>(t))
-                .collect();
-            let outputs = cube_update(inputs, self.update);
-            for (ir, t) in self.desc.outputs.iter().zip(outputs) {
-                handles.register_float_tensor::<Cube>(&ir.id, t);
-            }
-        }
-    }
-
-    let client = inputs[0].client.clone();
-    let shape: Shape = inputs[0].shape.clone();
-    let streams = OperationStreams::with_inputs(inputs.iter());
-    let outputs =
-        [(); 3].map(|()| TensorIr::uninit(client.create_empty_handle(), shape.clone(), DType::F32));
-    let irs: Vec<TensorIr> = inputs.into_iter().map(FusionTensor::into_ir).collect();
-    let desc = CustomOpIr::new("palm_adamw", &irs, &outputs);
-    let mut out = client
-        .register(
-            streams,
-            OperationIr::Custom(desc.clone()),
-            UpdateOp { desc, update: u },
-        )
-        .into_iter();
+    let outputs = vec![(inputs[0].shape.clone(), DType::F32); 3];
+    let mut out = float_op("palm_adamw", inputs, outputs, move |inputs| {
+        cube_update(inputs, u).into()
+    })
+    .into_iter();
     std::array::from_fn(|_| out.next().expect("an updated tensor"))
 }
 

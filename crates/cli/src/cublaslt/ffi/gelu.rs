@@ -19,12 +19,10 @@ use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use burn_fusion::FusionTensor;
-use burn_fusion::stream::{Operation, OperationStreams};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use cudarc::driver::CudaFunction;
 
 use super::step::{Arg, launch_grid, run};
-use super::{Cube, Device, FusionR, Gpu, Handle};
+use super::{Device, FusionR, Gpu, float_op};
 
 /// The device code.
 const SOURCE: &str = include_str!("gelu.cu");
@@ -108,47 +106,16 @@ fn cube_pass(inputs: Vec<CubeTensor<CudaRuntime>>, pass: Pass) -> CubeTensor<Cud
 
 /// The pass as a custom operation of the fusion backend.
 fn fusion_pass(inputs: Vec<FusionTensor<FusionR>>, pass: Pass) -> FusionTensor<FusionR> {
-    #[derive(Debug)]
-    struct PassOp {
-        desc: CustomOpIr,
-        pass: Pass,
-    }
-
-    impl Operation<FusionR> for PassOp {
-        fn execute(&self, handles: &mut HandleContainer<Handle>) {
-            let inputs = self
-                .desc
-                .inputs
-                .iter()
-                .map(|t| handles.get_float_tensor::<Cube>(t))
-                .collect();
-            let out = cube_pass(inputs, self.pass);
-            handles.register_float_tensor::<Cube>(&self.desc.outputs[0].id, out);
-        }
-    }
-
-    let client = inputs[0].client.clone();
-    let streams = OperationStreams::with_inputs(inputs.iter());
-    let out = TensorIr::uninit(
-        client.create_empty_handle(),
-        inputs[0].shape.clone(),
-        DType::BF16,
-    );
-    let irs: Vec<TensorIr> = inputs.into_iter().map(FusionTensor::into_ir).collect();
     let name = match pass {
         Pass::Forward => "palm_gelu",
         Pass::Backward => "palm_gelu_backward",
     };
-    let desc = CustomOpIr::new(name, &irs, &[out]);
-    client
-        .register(
-            streams,
-            OperationIr::Custom(desc.clone()),
-            PassOp { desc, pass },
-        )
-        .into_iter()
-        .next()
-        .expect("the result")
+    let outputs = vec![(inputs[0].shape.clone(), DType::BF16)];
+    float_op(name, inputs, outputs, move |inputs| {
+        vec![cube_pass(inputs, pass)]
+    })
+    .pop()
+    .expect("the result")
 }
 
 /// GELU on the CUDA training backend ([`palm_model::grad::set_gelu`]): bf16 `x`, else handed
