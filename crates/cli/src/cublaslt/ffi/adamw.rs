@@ -9,7 +9,7 @@
 //! calling thread's time in the optimizer (`docs/benchmarks.md`, item 45). Here it is one
 //! custom operation per parameter, the same arithmetic in f32.
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::Result;
 use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::tensor::CubeTensor;
@@ -17,7 +17,7 @@ use burn_fusion::FusionTensor;
 use cudarc::driver::CudaFunction;
 use palm_train::optim::{AdamWOperands, AdamWUpdate};
 
-use super::step::{Arg, launch_grid, run};
+use super::step::{Arg, compile, launch_grid, run};
 use super::{Device, FusionR, Gpu, float_op};
 
 /// The device code.
@@ -30,13 +30,8 @@ const MAX_BLOCKS: usize = 4096;
 /// Runs `f` with the compiled kernel (compiled on first use).
 fn with_kernel(device: &mut Device, f: impl FnOnce(&CudaFunction) -> Result<()>) -> Result<()> {
     if device.adamw.is_none() {
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, Default::default())
-            .map_err(|e| anyhow!("NVRTC compiling the AdamW kernel: {e:?}"))?;
-        let module = device
-            .ctx
-            .load_module(ptx)
-            .context("loading the AdamW kernel")?;
-        device.adamw = Some(module.load_function("adamw").context("the kernel adamw")?);
+        let [adamw] = compile(device, SOURCE, vec![], "the AdamW kernel", ["adamw"])?;
+        device.adamw = Some(adamw);
     }
     f(device.adamw.as_ref().expect("compiled above"))
 }

@@ -39,7 +39,7 @@ use cudarc::driver::CudaFunction;
 use cudarc::driver::sys::CUfunction_attribute;
 use palm_model::attention::HeadsOperands;
 
-use super::step::{Arg, launch_grid, run};
+use super::step::{Arg, compile, launch_grid, run};
 use super::{Cube, Device, FusionR, Gpu, Handle, with_device};
 
 /// The device code.
@@ -106,35 +106,26 @@ impl Kernels {
             .ctx
             .compute_capability()
             .context("the device's compute capability")?;
-        let options = cudarc::nvrtc::CompileOptions {
-            options: vec![
-                format!("--gpu-architecture=compute_{major}{minor}"),
-                format!("-DDH={}", class.dh),
-                format!("-DKMAX={}", class.keys),
-                format!("-DQMAX={}", class.queries),
-            ],
-            ..Default::default()
-        };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options)
-            .map_err(|e| anyhow!("NVRTC compiling the attention kernels for {class:?}: {e:?}"))?;
-        let module = device
-            .ctx
-            .load_module(ptx)
-            .context("loading the attention kernels")?;
-        let function = |name: &str, shared: usize| -> Result<CudaFunction> {
-            let f = module
-                .load_function(name)
-                .with_context(|| format!("the kernel {name}"))?;
+        let options = vec![
+            format!("--gpu-architecture=compute_{major}{minor}"),
+            format!("-DDH={}", class.dh),
+            format!("-DKMAX={}", class.keys),
+            format!("-DQMAX={}", class.queries),
+        ];
+        let what = format!("the attention kernels for {class:?}");
+        let names = ["attention_forward", "attention_backward"];
+        let [forward, backward] = compile(device, SOURCE, options, &what, names)?;
+        let shared = |f: CudaFunction, bytes: usize| -> Result<CudaFunction> {
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared as i32,
+                bytes as i32,
             )
-            .map_err(|e| anyhow!("{name}'s shared memory of {shared} bytes: {e:?}"))?;
+            .map_err(|e| anyhow!("{what}: shared memory of {bytes} bytes: {e:?}"))?;
             Ok(f)
         };
         Ok(Self {
-            forward: function("attention_forward", class.forward_shared(true))?,
-            backward: function("attention_backward", class.backward_shared(true))?,
+            forward: shared(forward, class.forward_shared(true))?,
+            backward: shared(backward, class.backward_shared(true))?,
         })
     }
 }

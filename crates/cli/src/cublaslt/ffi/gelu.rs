@@ -8,7 +8,7 @@
 //! each, in f32 arithmetic with one rounding. bf16 only (`Narrow::Inner` under `bf16-mixed`);
 //! anything else keeps burn's `gelu`. `PALM_GELU=burn` does not install them.
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::Result;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use burn_autodiff::Autodiff;
@@ -21,7 +21,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_fusion::FusionTensor;
 use cudarc::driver::CudaFunction;
 
-use super::step::{Arg, launch_grid, run};
+use super::step::{Arg, compile, launch_grid, run};
 use super::{Device, FusionR, Gpu, float_op};
 
 /// The device code.
@@ -47,21 +47,9 @@ enum Pass {
 /// Runs `f` with the compiled kernels (compiled on first use).
 fn with_kernels(device: &mut Device, f: impl FnOnce(&Kernels) -> Result<()>) -> Result<()> {
     if device.gelu.is_none() {
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, Default::default())
-            .map_err(|e| anyhow!("NVRTC compiling the GELU kernels: {e:?}"))?;
-        let module = device
-            .ctx
-            .load_module(ptx)
-            .context("loading the GELU kernels")?;
-        let function = |name: &str| {
-            module
-                .load_function(name)
-                .with_context(|| format!("the kernel {name}"))
-        };
-        device.gelu = Some(Kernels {
-            forward: function("gelu_forward")?,
-            backward: function("gelu_backward")?,
-        });
+        let names = ["gelu_forward", "gelu_backward"];
+        let [forward, backward] = compile(device, SOURCE, vec![], "the GELU kernels", names)?;
+        device.gelu = Some(Kernels { forward, backward });
     }
     f(device.gelu.as_ref().expect("compiled above"))
 }

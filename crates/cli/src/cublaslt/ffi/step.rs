@@ -88,30 +88,80 @@ pub(super) struct Kernels {
 impl Kernels {
     /// Compiles `step.cu` for the device whose context is current.
     fn compile(device: &Device) -> Result<Self> {
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, Default::default())
-            .map_err(|e| anyhow!("NVRTC compiling the decoder step's kernels: {e:?}"))?;
-        let module = device
-            .ctx
-            .load_module(ptx)
-            .context("loading the decoder step's kernels")?;
-        let f = |name: &str| {
+        let [
+            embed,
+            add_layer_norm,
+            self_attention,
+            cross_attention,
+            cross_attention_rows,
+            gelu_tanh,
+            log_softmax,
+            gather_rows,
+            gather_slots,
+            top_k_segments,
+        ] = compile(
+            device,
+            SOURCE,
+            vec![],
+            "the decoder step's kernels",
+            [
+                "embed",
+                "add_layer_norm",
+                "self_attention",
+                "cross_attention",
+                "cross_attention_rows",
+                "gelu_tanh",
+                "log_softmax",
+                "gather_rows",
+                "gather_slots",
+                "top_k_segments",
+            ],
+        )?;
+        Ok(Self {
+            embed,
+            add_layer_norm,
+            self_attention,
+            cross_attention,
+            cross_attention_rows,
+            gelu_tanh,
+            log_softmax,
+            gather_rows,
+            gather_slots,
+            top_k_segments,
+        })
+    }
+}
+
+/// Compiles `source` with NVRTC and `options` for the device whose context is current and
+/// loads its kernels `names`, in order (`what` names them in errors).
+pub(super) fn compile<const N: usize>(
+    device: &Device,
+    source: &str,
+    options: Vec<String>,
+    what: &str,
+    names: [&str; N],
+) -> Result<[CudaFunction; N]> {
+    let options = cudarc::nvrtc::CompileOptions {
+        options,
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options)
+        .map_err(|e| anyhow!("NVRTC compiling {what}: {e:?}"))?;
+    let module = device
+        .ctx
+        .load_module(ptx)
+        .with_context(|| format!("loading {what}"))?;
+    let functions = names
+        .iter()
+        .map(|name| {
             module
                 .load_function(name)
                 .with_context(|| format!("the kernel {name}"))
-        };
-        Ok(Self {
-            embed: f("embed")?,
-            add_layer_norm: f("add_layer_norm")?,
-            self_attention: f("self_attention")?,
-            cross_attention: f("cross_attention")?,
-            cross_attention_rows: f("cross_attention_rows")?,
-            gelu_tanh: f("gelu_tanh")?,
-            log_softmax: f("log_softmax")?,
-            gather_rows: f("gather_rows")?,
-            gather_slots: f("gather_slots")?,
-            top_k_segments: f("top_k_segments")?,
         })
-    }
+        .collect::<Result<Vec<_>>>()?;
+    Ok(functions
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one function per name")))
 }
 
 /// A kernel argument.
