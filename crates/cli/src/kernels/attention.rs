@@ -13,6 +13,11 @@
 //! normalised in f32; the probabilities (and their gradient) in f32 or bf16 (`bf16-mixed`'s
 //! `Narrow::Heads`); the mask is read through its own strides with its broadcast axes at
 //! stride 0.
+//!
+//! Under `bf16-mixed`, the whole of attention is two kernels of the CUDA build's own
+//! (`cublaslt::ffi::attention`); these serve the attention those hand back (f32 training,
+//! more than 128 queries or keys) and `PALM_ATTENTION=composed`. [`next_seed`] draws the
+//! dropout seeds of both.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
