@@ -28,7 +28,7 @@ use crate::device::GpuUnfused;
 mod attention;
 mod layer_norm;
 
-pub(crate) use attention::next_seed as next_dropout_seed;
+pub(crate) use attention::{mask_strides, next_seed as next_dropout_seed};
 
 /// Lanes per row: one plane (a warp on NVIDIA GPUs).
 const LANES: u32 = 32;
@@ -148,7 +148,7 @@ fn empty_typed(like: &Cube, shape: burn::tensor::Shape, dtype: DType) -> Cube {
 }
 
 /// `t`, copied first unless its elements are contiguous.
-fn contiguous(t: Cube) -> Cube {
+pub(crate) fn contiguous(t: Cube) -> Cube {
     if t.is_contiguous() {
         t
     } else {

@@ -215,7 +215,7 @@ pub(crate) fn next_seed() -> u32 {
 }
 
 /// The mask's strides over `[b, h, tq, tk]`, 0 where it broadcasts.
-fn mask_strides(mask: &CubeTensor<CudaRuntime>) -> [usize; 4] {
+pub(crate) fn mask_strides(mask: &CubeTensor<CudaRuntime>) -> [usize; 4] {
     let (dims, strides) = (mask.meta.shape(), mask.meta.strides());
     std::array::from_fn(|i| if dims[i] == 1 { 0 } else { strides[i] })
 }

@@ -17,7 +17,7 @@ use burn_fusion::FusionTensor;
 use cudarc::driver::CudaFunction;
 use palm_train::optim::{AdamWOperands, AdamWUpdate};
 
-use super::step::{Arg, compile, launch_grid, run};
+use super::step::{Arg, compile, launch_grid, packed, run};
 use super::{Device, FusionR, Gpu, float_op};
 
 /// The device code.
@@ -36,33 +36,17 @@ fn with_kernel(device: &mut Device, f: impl FnOnce(&CudaFunction) -> Result<()>)
     f(device.adamw.as_ref().expect("compiled above"))
 }
 
-/// `t`, copied first unless its elements are contiguous.
-fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
-    if t.is_contiguous() {
-        t
-    } else {
-        burn_cubecl::kernel::into_contiguous(t)
-    }
-}
-
 /// The update on CubeCL tensors: `[param, grad]` or `[param, grad, m, v]` in, the new
 /// parameter and moments out.
 fn cube_update(
     inputs: Vec<CubeTensor<CudaRuntime>>,
     u: AdamWUpdate,
 ) -> [CubeTensor<CudaRuntime>; 3] {
-    let inputs: Vec<_> = inputs.into_iter().map(contiguous).collect();
+    let inputs: Vec<_> = inputs.into_iter().map(crate::kernels::contiguous).collect();
     let like = &inputs[0];
     let shape = like.meta.shape().clone();
     let n = shape.num_elements();
-    let out = || {
-        burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
-            like.client.clone(),
-            like.device.clone(),
-            shape.clone(),
-            DType::F32,
-        )
-    };
+    let out = || packed(&like.device, shape.as_slice(), DType::F32);
     let outputs = [out(), out(), out()];
     let fresh = inputs.len() == 2;
     let mut held = inputs;

@@ -39,7 +39,7 @@ use cudarc::driver::CudaFunction;
 use cudarc::driver::sys::CUfunction_attribute;
 use palm_model::attention::HeadsOperands;
 
-use super::step::{Arg, compile, launch_grid, run};
+use super::step::{Arg, compile, launch_grid, packed, run};
 use super::{Cube, Device, FusionR, Gpu, Handle, with_device};
 
 /// The device code.
@@ -165,16 +165,15 @@ fn rows_of(t: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, [i64; 2]) {
     let t = if readable(&t) {
         t
     } else {
-        burn_cubecl::kernel::into_contiguous(t)
+        crate::kernels::contiguous(t)
     };
     let s = [t.meta.strides()[0] as i64, t.meta.strides()[1] as i64];
     (t, s)
 }
 
-/// The mask's strides over `[b, h, tq, tk]`, 0 where it broadcasts.
+/// The mask's strides over `[b, h, tq, tk]`, 0 where it broadcasts, as the kernels take them.
 fn mask_strides(mask: &CubeTensor<CudaRuntime>) -> [i64; 4] {
-    let (dims, strides) = (mask.meta.shape(), mask.meta.strides());
-    std::array::from_fn(|i| if dims[i] == 1 { 0 } else { strides[i] as i64 })
+    crate::kernels::mask_strides(mask).map(|s| s as i64)
 }
 
 /// An uninitialised packed `[b, t, d]` bf16 tensor on `like`'s device.
@@ -184,12 +183,7 @@ fn rows_like(
     t: usize,
     d: usize,
 ) -> CubeTensor<CudaRuntime> {
-    burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::new([b, t, d]),
-        DType::BF16,
-    )
+    packed(&like.device, &[b, t, d], DType::BF16)
 }
 
 /// Checks that the tensors at `pointers` other than the mask (index 3) start on 16 bytes, as the

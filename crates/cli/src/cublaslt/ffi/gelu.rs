@@ -21,7 +21,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_fusion::FusionTensor;
 use cudarc::driver::CudaFunction;
 
-use super::step::{Arg, compile, launch_grid, run};
+use super::step::{Arg, compile, launch_grid, packed, run};
 use super::{Device, FusionR, Gpu, float_op};
 
 /// The device code.
@@ -57,24 +57,10 @@ fn with_kernels(device: &mut Device, f: impl FnOnce(&Kernels) -> Result<()>) -> 
 /// The pass on CubeCL tensors: `[x]` forward, `[x, g]` backward; a new bf16 tensor of `x`'s
 /// shape.
 fn cube_pass(inputs: Vec<CubeTensor<CudaRuntime>>, pass: Pass) -> CubeTensor<CudaRuntime> {
-    let inputs: Vec<_> = inputs
-        .into_iter()
-        .map(|t| {
-            if t.is_contiguous() {
-                t
-            } else {
-                burn_cubecl::kernel::into_contiguous(t)
-            }
-        })
-        .collect();
+    let inputs: Vec<_> = inputs.into_iter().map(crate::kernels::contiguous).collect();
     let like = &inputs[0];
     let n = like.meta.shape().num_elements();
-    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        like.meta.shape().clone(),
-        DType::BF16,
-    );
+    let out = packed(&like.device, like.meta.shape().as_slice(), DType::BF16);
     let mut held = inputs;
     held.push(out.clone());
     run(held, move |device, ptr, stream| {

@@ -352,7 +352,11 @@ pub(super) fn run(
 
 /// An uninitialised row-major tensor without padded rows (CubeCL's default allocation may
 /// pad a matrix's rows; the kernels write packed rows).
-fn packed(device: &CudaDevice, shape: &[usize], dtype: DType) -> CubeTensor<CudaRuntime> {
+pub(super) fn packed(
+    device: &CudaDevice,
+    shape: &[usize],
+    dtype: DType,
+) -> CubeTensor<CudaRuntime> {
     burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
         CudaRuntime::client(device),
         device.clone(),
