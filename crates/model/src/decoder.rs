@@ -197,7 +197,7 @@ impl<B: Backend> TransformerDecoderLayer<B> {
             &f.dropout_1,
             grad::gelu_tanh(dense_narrow(&f.w_1, norm(&f.layer_norm, x.clone()), Inner)),
         );
-        grad::dropout(&f.dropout_2, dense(&f.w_2, inner)) + x
+        grad::dropout_add(&f.dropout_2, dense(&f.w_2, inner), x)
     }
 
     /// Teacher-forced layer: `x [b, t, d]`, `memory [b, s, d]`, `self_mask [b, 1, t, t]`,
@@ -211,10 +211,10 @@ impl<B: Backend> TransformerDecoderLayer<B> {
     ) -> Tensor<B, 3> {
         let xn = norm(&self.layer_norm_1, x.clone());
         let a = self.self_attn.forward_rows(xn.clone(), xn, self_mask);
-        let q = grad::dropout(&self.drop, a) + x;
+        let q = grad::dropout_add(&self.drop, a, x);
         let qn = norm(&self.layer_norm_2, q.clone());
         let c = self.context_attn.forward_rows(qn, memory, src_mask);
-        self.feed_forward(grad::dropout(&self.drop, c) + q)
+        self.feed_forward(grad::dropout_add(&self.drop, c, q))
     }
 
     /// One cached step for `rows = sources × beams` rows: `x [rows, 1, d]`.
@@ -238,7 +238,7 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         let a = self
             .self_attn
             .forward(self.self_attn.query(xn), k, v, input_pad);
-        let q = grad::dropout(&self.drop, a) + x;
+        let q = grad::dropout_add(&self.drop, a, x);
         let qn = norm(&self.layer_norm_2, q.clone());
         // Beams of one source share its memory keys/values: the beams become query positions.
         // Every source has a visible key ([CLS]), so the fused op applies (it scales q itself).
@@ -264,7 +264,7 @@ impl<B: Backend> TransformerDecoderLayer<B> {
         };
         let ctx = ctx.swap_dims(1, 2).reshape([rows, 1, d]);
         let c = dense(&self.context_attn.final_linear, ctx);
-        self.feed_forward(grad::dropout(&self.drop, c) + q)
+        self.feed_forward(grad::dropout_add(&self.drop, c, q))
     }
 }
 

@@ -71,7 +71,7 @@ pub struct BertOutput<B: Backend> {
 
 impl<B: Backend> BertOutput<B> {
     fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = grad::dropout(&self.dropout, dense(&self.dense, x)) + residual;
+        let x = grad::dropout_add(&self.dropout, dense(&self.dense, x), residual);
         grad::layer_norm(&self.layer_norm, self.layer_norm_eps, x)
     }
 }

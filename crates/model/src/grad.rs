@@ -79,6 +79,8 @@ static WRITTEN: PerBackend = PerBackend::new();
 static ROW_KERNELS: PerBackend = PerBackend::new();
 static LAYER_NORMS: PerBackend = PerBackend::new();
 static GELUS: PerBackend = PerBackend::new();
+static GELU_TANHS: PerBackend = PerBackend::new();
+static DROPOUTS: PerBackend = PerBackend::new();
 
 /// Runs [`layer_norm`] on backend `B` through `f` (`None`: the other paths again), before the
 /// [`install`]ed or [`set_row_kernels`] ones: a training backend's layer norm as device
@@ -234,14 +236,76 @@ fn column_block(rows: usize) -> usize {
 /// `dropout` in training, with the mask kept for the backward pass as one byte per element
 /// (a boolean) where burn's `Dropout` keeps the four-byte float mask it multiplies by: the
 /// same random numbers and the same values bit for bit (a kept element is `x · 1/(1 − p)` in
-/// both). Burn's own where the written-out operations are not installed, or outside training.
+/// both). Through the backend's [`DropoutFn`] where one is set and takes `x`; burn's own where
+/// the written-out operations are not installed, or outside training.
 pub fn dropout<B: Backend, const D: usize>(dropout: &Dropout, x: Tensor<B, D>) -> Tensor<B, D> {
-    if dropout.prob == 0.0 || !B::ad_enabled(&x.device()) || !installed::<B>() {
+    if !training::<B, D>(dropout, &x) {
         return dropout.forward(x);
     }
-    let keep = 1.0 - dropout.prob;
+    if let Some(f) = DROPOUTS.get::<B, DropoutFn<B>>() {
+        let (rows, dims) = rows(x);
+        return match f(rows, None, dropout.prob) {
+            Ok(y) => y.reshape(dims),
+            Err(operands) => masked_dropout(dropout.prob, operands.0.reshape(dims)),
+        };
+    }
+    masked_dropout(dropout.prob, x)
+}
+
+/// `dropout(x) + residual`: through the backend's [`DropoutFn`] as one operation where one is
+/// set and takes them (no random tensor and no mask between the passes), else [`dropout`] and
+/// an addition.
+pub fn dropout_add<B: Backend, const D: usize>(
+    dropout: &Dropout,
+    x: Tensor<B, D>,
+    residual: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let f = DROPOUTS.get::<B, DropoutFn<B>>();
+    match f.filter(|_| training::<B, D>(dropout, &x) && x.dims() == residual.dims()) {
+        Some(f) => {
+            let (x, dims) = rows(x);
+            let (residual, _) = rows(residual);
+            match f(x, Some(residual), dropout.prob) {
+                Ok(y) => y.reshape(dims),
+                Err(operands) => {
+                    let (x, residual) = *operands;
+                    let residual = residual.expect("handed back as given");
+                    masked_dropout(dropout.prob, x.reshape(dims)) + residual.reshape(dims)
+                }
+            }
+        }
+        None => self::dropout(dropout, x) + residual,
+    }
+}
+
+/// Whether [`dropout`] drops anything of `x`: a probability above 0, a backend that tracks
+/// gradients on `x`'s device and the written-out operations [`install`]ed.
+fn training<B: Backend, const D: usize>(dropout: &Dropout, x: &Tensor<B, D>) -> bool {
+    dropout.prob > 0.0 && B::ad_enabled(&x.device()) && installed::<B>()
+}
+
+/// Dropout as burn's operations with a one-byte mask (see [`dropout`]).
+fn masked_dropout<B: Backend, const D: usize>(prob: f64, x: Tensor<B, D>) -> Tensor<B, D> {
+    let keep = 1.0 - prob;
     let dropped = x.random_like(Distribution::Bernoulli(keep)).equal_elem(0.0);
     x.mask_fill(dropped, 0.0) * (1.0 / keep)
+}
+
+/// Training dropout of `x [rows, d]` with probability `p`, plus `residual` (same shape) where
+/// given, as one operation of a backend, forward and backward (a binary's kernels that draw
+/// each element's decision from a hash and keep no mask). It hands back (`Err`) what it does
+/// not take. Kept elements are `x · 1/(1 − p)`, as in [`dropout`]; which are kept follows the
+/// backend's own random stream.
+pub type DropoutFn<B> =
+    fn(Tensor<B, 2>, Option<Tensor<B, 2>>, f64) -> Result<Tensor<B, 2>, DroppedBack<B>>;
+
+/// The operands a [`DropoutFn`] hands back.
+pub type DroppedBack<B> = Box<(Tensor<B, 2>, Option<Tensor<B, 2>>)>;
+
+/// Runs training [`dropout`] and [`dropout_add`] on backend `B` through `f` (`None`: burn's
+/// operations again).
+pub fn set_dropout<B: Backend>(f: Option<DropoutFn<B>>) {
+    DROPOUTS.set::<B, _>(f);
 }
 
 /// Softmax over the last axis.
@@ -277,8 +341,26 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     }
 }
 
-/// GELU's tanh approximation, `x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
+/// Computes [`gelu_tanh`] on backend `B` through `f` before its other paths (`None`: those
+/// again): a training backend's kernels, forward and backward.
+pub fn set_gelu_tanh<B: Backend>(f: Option<GeluFn<B>>) {
+    GELU_TANHS.set::<B, _>(f);
+}
+
+/// GELU's tanh approximation, `x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))`: through the
+/// backend's [`set_gelu_tanh`] function where one is set and takes `x`, else the row
+/// operations or burn's.
 pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let x = match GELU_TANHS.get::<B, GeluFn<B>>() {
+        Some(f) => {
+            let (rows, dims) = rows(x);
+            match f(rows) {
+                Ok(y) => return y.reshape(dims),
+                Err(x) => x.reshape(dims),
+            }
+        }
+        None => x,
+    };
     match row_ops::<B>() {
         Some(ops) => {
             let (x, dims) = rows(x);
@@ -764,7 +846,7 @@ mod tests {
     }
 
     #[test]
-    fn gelu_set_for_a_backend_takes_what_it_accepts_and_hands_back_the_rest() {
+    fn gelus_set_for_a_backend_take_what_they_accept_and_hand_back_the_rest() {
         // Its own backend type: no other test sets a GELU for it.
         type H = NdArray<f64, i16>;
         // Takes rows of 3 (answering with zeros), hands back the rest.
@@ -788,6 +870,14 @@ mod tests {
             .into_data()
             .assert_eq(&burn::tensor::activation::gelu(five).into_data(), true);
         set_gelu::<H>(None);
+        // The tanh approximation's hook alike.
+        set_gelu_tanh::<H>(Some(rows_of_three));
+        let (three, five) = (x(3), x(5));
+        assert_eq!(gelu_tanh(three).abs().max().into_scalar(), 0.0);
+        gelu_tanh(five.clone())
+            .into_data()
+            .assert_eq(&gelu_approximate(five).into_data(), true);
+        set_gelu_tanh::<H>(None);
     }
 
     #[test]
@@ -1017,6 +1107,81 @@ mod tests {
         }
         // 1,200 expected; four standard deviations are ±116.
         assert!((1084..=1316).contains(&dropped), "{dropped} of {n} dropped");
+    }
+
+    #[test]
+    fn dropout_add_drops_only_the_first_operand_and_passes_the_residual_its_gradient() {
+        let _lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        install::<I>(true);
+        let (p, n) = (0.25, 2000);
+        let device = NdArrayDevice::Cpu;
+        let x0: Vec<f32> = (0..n).map(|i| (i % 13) as f32 / 2.0 + 1.0).collect();
+        let r0: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.5).collect();
+        let leaf = |v: &[f32]| {
+            Tensor::<A, 2>::from_data(TensorData::new(v.to_vec(), [n / 4, 4]), &device)
+                .cast(burn::tensor::FloatDType::F32)
+                .require_grad()
+        };
+        let (x, r) = (leaf(&x0), leaf(&r0));
+        let y = dropout_add(
+            &burn::nn::DropoutConfig::new(p).init(),
+            x.clone(),
+            r.clone(),
+        );
+        let grads = (y.clone() * 3.0).sum().backward();
+        let (gx, gr) = (x.grad(&grads).expect("dx"), r.grad(&grads).expect("dr"));
+        install::<I>(false);
+        let vec = |t: Tensor<I, 2>| -> Vec<f32> { t.into_data().to_vec().expect("f32") };
+        let (y, gx, gr) = (vec(y.inner()), vec(gx), vec(gr));
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let mut dropped = 0;
+        for i in 0..n {
+            assert_eq!(gr[i], 3.0, "the residual's gradient passes through");
+            if y[i] == r0[i] {
+                dropped += 1;
+                assert_eq!(gx[i], 0.0);
+            } else {
+                assert_eq!(y[i], x0[i] * scale + r0[i]);
+                assert_eq!(gx[i], 3.0 * scale);
+            }
+        }
+        // 500 expected; four standard deviations are ±78.
+        assert!((422..=578).contains(&dropped), "{dropped} of {n} dropped");
+    }
+
+    #[test]
+    fn a_dropout_set_for_a_backend_runs_in_training_and_hands_back_what_it_does_not_take() {
+        // Its own backend type (i32 indices): no other test sets a dropout for it.
+        type J = NdArray<f32, i32>;
+        type T = Autodiff<J>;
+        // Takes a dropout with a residual (answering twice the residual), hands back the rest.
+        fn with_residual(
+            x: Tensor<T, 2>,
+            residual: Option<Tensor<T, 2>>,
+            _: f64,
+        ) -> Result<Tensor<T, 2>, DroppedBack<T>> {
+            match residual {
+                Some(r) => Ok(r * 2.0),
+                None => Err(Box::new((x, None))),
+            }
+        }
+        let device = Default::default();
+        let ones = Tensor::<T, 3>::ones([2, 3, 4], &device);
+        let drop = burn::nn::DropoutConfig::new(0.5).init();
+        set_dropout::<T>(Some(with_residual));
+        // Not installed: burn's dropout (not training, for `training` asks both).
+        let plain = dropout_add(&drop, ones.clone(), ones.clone());
+        install::<J>(true);
+        let ours = dropout_add(&drop, ones.clone() * 5.0, ones.clone());
+        let alone = dropout(&drop, ones.clone());
+        install::<J>(false);
+        set_dropout::<T>(None);
+        assert_eq!(ours.sum().into_scalar(), 48.0, "the backend's answer");
+        // Handed back: burn's operations with the mask, each element 0 or 2.
+        let alone: Vec<f32> = alone.into_data().to_vec().expect("f32");
+        assert!(alone.iter().all(|&v| v == 0.0 || v == 2.0), "{alone:?}");
+        let plain: Vec<f32> = plain.into_data().to_vec().expect("f32");
+        assert!(plain.iter().all(|&v| v == 1.0 || v == 3.0), "{plain:?}");
     }
 
     #[test]

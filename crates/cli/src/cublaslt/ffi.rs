@@ -82,6 +82,10 @@ pub fn install(index: usize) -> Result<()> {
     }
     if !std::env::var("PALM_GELU").is_ok_and(|v| v == "burn") {
         palm_model::grad::set_gelu::<Autodiff<Gpu>>(Some(gelu::autodiff));
+        palm_model::grad::set_gelu_tanh::<Autodiff<Gpu>>(Some(gelu::autodiff_tanh));
+    }
+    if !std::env::var("PALM_DROPOUT").is_ok_and(|v| v == "burn") {
+        palm_model::grad::set_dropout::<Autodiff<Gpu>>(Some(dropout::autodiff));
     }
     if !std::env::var("PALM_ATTENTION").is_ok_and(|v| v == "composed") {
         palm_model::attention::set_heads_attention::<Autodiff<Gpu>>(Some(attention::autodiff));
@@ -667,6 +671,8 @@ struct Device {
     adamw: Option<cudarc::driver::CudaFunction>,
     /// The training GELU's kernels, compiled on first use.
     gelu: Option<gelu::Kernels>,
+    /// The training dropout's kernels, compiled on first use.
+    dropout: Option<dropout::Kernels>,
 }
 
 // The raw cuBLASLt handles are used under the `DEVICES` mutex only.
@@ -721,6 +727,7 @@ impl Device {
             attention: HashMap::new(),
             adamw: None,
             gelu: None,
+            dropout: None,
         })
     }
 
@@ -1122,6 +1129,7 @@ mod adamw;
 mod affine;
 mod attention;
 mod batched;
+mod dropout;
 mod gelu;
 mod shadow;
 mod step;
