@@ -60,6 +60,8 @@ use burn::tensor::DType;
 #[cfg(feature = "cuda")]
 mod ffi;
 #[cfg(feature = "cuda")]
+pub(crate) use ffi::training_layer_norm;
+#[cfg(feature = "cuda")]
 pub use ffi::{install, on_backend_stream};
 
 /// Where cuBLASLt's products run (see the CUDA build's `ffi::on_backend_stream`): never,

@@ -29,6 +29,7 @@ mod attention;
 mod layer_norm;
 
 pub(crate) use attention::{mask_strides, next_seed as next_dropout_seed};
+pub(crate) use layer_norm::autodiff as training_layer_norm;
 
 /// Lanes per row: one plane (a warp on NVIDIA GPUs).
 const LANES: u32 = 32;
@@ -237,7 +238,7 @@ fn gelu_tanh(x: Tensor<GpuUnfused, 2>) -> Tensor<GpuUnfused, 2> {
     wrap(out)
 }
 
-/// Puts the training layer norm ([`layer_norm`]) and attention's probabilities
+/// Puts the training layer norm ([`layer_norm`], or `crate::cublaslt`'s) and attention's probabilities
 /// ([`attention`]) on the CUDA training backend, unless `PALM_KERNELS=burn` (the written-out
 /// operations stay), `PALM_BACKWARD=burn` (burn's decompositions throughout) or the device's
 /// planes are not 32 lanes wide.
@@ -249,7 +250,16 @@ pub fn install_training(index: usize) {
     let hardware = &client.properties().hardware;
     let fits = hardware.plane_size_min == LANES && hardware.plane_size_max == LANES;
     type Train = burn_autodiff::Autodiff<crate::device::Gpu>;
-    palm_model::grad::set_layer_norm::<Train>((on && fits).then_some(layer_norm::autodiff as _));
+    // The NVRTC kernels beside cuBLASLt's (which hand what they do not take to the CubeCL
+    // ones) where that module is installed, unless `PALM_LAYER_NORM=cube`.
+    let cube = std::env::var("PALM_LAYER_NORM").is_ok_and(|v| v == "cube");
+    let layer_norm: palm_model::grad::LayerNormFn<Train> =
+        if cube || crate::cublaslt::on_backend_stream().is_none() {
+            layer_norm::autodiff
+        } else {
+            crate::cublaslt::training_layer_norm
+        };
+    palm_model::grad::set_layer_norm::<Train>((on && fits).then_some(layer_norm));
     palm_model::attention::set_attention_probs::<Train>(
         (on && fits).then_some(attention::autodiff as _),
     );

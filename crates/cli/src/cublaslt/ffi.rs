@@ -673,6 +673,8 @@ struct Device {
     gelu: Option<gelu::Kernels>,
     /// The training dropout's kernels, compiled on first use.
     dropout: Option<dropout::Kernels>,
+    /// The training layer norm's kernels per row width, compiled on first use.
+    layer_norm: HashMap<usize, layer_norm::Kernels>,
 }
 
 // The raw cuBLASLt handles are used under the `DEVICES` mutex only.
@@ -728,6 +730,7 @@ impl Device {
             adamw: None,
             gelu: None,
             dropout: None,
+            layer_norm: HashMap::new(),
         })
     }
 
@@ -1131,7 +1134,10 @@ mod attention;
 mod batched;
 mod dropout;
 mod gelu;
+mod layer_norm;
 mod shadow;
+
+pub(crate) use layer_norm::autodiff as training_layer_norm;
 mod step;
 
 #[cfg(test)]
