@@ -30,6 +30,8 @@ mod layer_norm;
 
 pub(crate) use attention::{mask_strides, next_seed as next_dropout_seed};
 pub(crate) use layer_norm::autodiff as training_layer_norm;
+#[cfg(test)]
+pub(crate) use layer_norm::tests::assert_matches_written as assert_layer_norm_matches_written;
 
 /// Lanes per row: one plane (a warp on NVIDIA GPUs).
 const LANES: u32 = 32;

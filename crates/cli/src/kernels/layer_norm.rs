@@ -405,7 +405,7 @@ pub(crate) fn autodiff(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     //! Needs a CUDA device: `cargo test -p palm --features cuda kernels` on the GPU machine.
     use super::*;
     use burn::tensor::{Distribution, Tolerance};
@@ -413,21 +413,23 @@ mod tests {
 
     type B = Autodiff<Gpu>;
 
-    #[test]
-    fn training_layer_norm_matches_the_written_out_one_with_gradients() {
+    /// Asserts that the training layer norm `f` gives the written-out one's output and input,
+    /// γ and β gradients (within 1e-4) on random `[rows, d]` inputs of each of `shapes`.
+    pub(crate) fn assert_matches_written(
+        f: palm_model::grad::LayerNormFn<B>,
+        shapes: &[(usize, usize)],
+    ) {
         let device = CudaDevice::new(0);
         let normal = Distribution::Normal(0.0, 2.0);
         let tolerance = Tolerance::<f32>::rel_abs(1e-4, 1e-4);
-        // A row shorter than a plane, rows not a multiple of the backward's cube of 8 rows or
-        // of its 64-row chunks, PALM-base's width within one chunk and over five.
-        for (rows, d) in [(3, 7), (70, 50), (37, 768), (300, 768)] {
+        for &(rows, d) in shapes {
             let x = Tensor::<B, 2>::random([rows, d], normal, &device).require_grad();
             let gamma = Tensor::<B, 1>::random([d], normal, &device).require_grad();
             let beta = Tensor::<B, 1>::random([d], normal, &device).require_grad();
             let weights = Tensor::<B, 2>::random([rows, d], normal, &device);
-            let run = |kernel: bool| {
-                let f = if kernel {
-                    autodiff
+            let run = |ours: bool| {
+                let f = if ours {
+                    f
                 } else {
                     palm_model::grad::written_layer_norm::<Gpu>
                 };
@@ -435,19 +437,26 @@ mod tests {
                 let grads = (y.clone() * weights.clone()).sum().backward();
                 [
                     y.into_data(),
-                    x.grad(&grads).unwrap().into_data(),
-                    gamma.grad(&grads).unwrap().into_data(),
-                    beta.grad(&grads).unwrap().into_data(),
+                    x.grad(&grads).expect("dx").into_data(),
+                    gamma.grad(&grads).expect("dγ").into_data(),
+                    beta.grad(&grads).expect("dβ").into_data(),
                 ]
             };
             let (ours, written) = (run(true), run(false));
-            for (what, (a, b)) in ["y", "dx", "dγ", "dβ"]
+            for (what, (a, e)) in ["y", "dx", "dγ", "dβ"]
                 .iter()
                 .zip(ours.iter().zip(&written))
             {
                 eprintln!("[{rows}, {d}] {what}");
-                a.assert_approx_eq::<f32>(b, tolerance);
+                a.assert_approx_eq::<f32>(e, tolerance);
             }
         }
+    }
+
+    #[test]
+    fn training_layer_norm_matches_the_written_out_one_with_gradients() {
+        // A row shorter than a plane, rows not a multiple of the backward's cube of 8 rows or
+        // of its 64-row chunks, PALM-base's width within one chunk and over five.
+        assert_matches_written(autodiff, &[(3, 7), (70, 50), (37, 768), (300, 768)]);
     }
 }

@@ -20,9 +20,6 @@
 // `[b, heads, tq, tk]` probabilities when `kept(index, seed, keep)`, the hash of
 // `kernels/attention.rs`; the backward kernel draws the same decisions again.
 
-typedef unsigned short bf16;
-typedef unsigned int u32;
-
 #define PAD 8
 // Row strides (in bf16 elements) of the tiles in shared memory: [rows][DH], [DH][KMAX] and
 // [KMAX][QMAX]; the padding staggers rows over the banks.
@@ -33,19 +30,6 @@ typedef unsigned int u32;
 #define QTILE 64
 // Minus infinity: the score of a key that does not exist.
 #define NONE __int_as_float(0xff800000)
-
-__device__ __forceinline__ bf16 to_bf16(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        return (bf16)((u >> 16) | 0x40u);
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16)(u >> 16);
-}
-
-__device__ __forceinline__ u32 pack(float lo, float hi) {
-    return (u32)to_bf16(lo) | ((u32)to_bf16(hi) << 16);
-}
 
 __device__ __forceinline__ u32 pack_halves(bf16 lo, bf16 hi) {
     return (u32)lo | ((u32)hi << 16);
@@ -117,17 +101,6 @@ __device__ __forceinline__ void load_b_rows(u32 b[2], const bf16* p, int ld, int
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
                  : "=r"(b[0]), "=r"(b[1])
                  : "r"(shared_address(row)));
-}
-
-// Dropout's decision for element `index` (see the header).
-__device__ __forceinline__ bool kept(u32 index, u32 seed, float keep) {
-    u32 h = (index * 0x9E3779B9u) ^ seed;
-    h ^= h >> 16;
-    h *= 0x85EBCA6Bu;
-    h ^= h >> 13;
-    h *= 0xC2B2AE35u;
-    h ^= h >> 16;
-    return (float)(h >> 8) * (1.0f / 16777216.0f) < keep;
 }
 
 // Queues the copy of `limit` rows of DH bf16 (row stride `stride`) into a [limit][LDH] tile,

@@ -22,7 +22,7 @@
 
 use std::sync::OnceLock;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use burn::prelude::*;
 use burn::tensor::{DType, Shape, TensorPrimitive};
 use burn_autodiff::Autodiff;
@@ -39,11 +39,11 @@ use cudarc::driver::CudaFunction;
 use cudarc::driver::sys::CUfunction_attribute;
 use palm_model::attention::HeadsOperands;
 
-use super::step::{Arg, compile, launch_grid, packed, run};
+use super::step::{Arg, architecture, compile, launch_grid, packed, run};
 use super::{Cube, Device, FusionR, Gpu, Handle, with_device};
 
 /// The device code.
-const SOURCE: &str = include_str!("attention.cu");
+const SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("attention.cu"));
 /// Query rows per block of the forward kernel (`QTILE` in the source).
 const QUERY_TILE: usize = 64;
 /// The most queries and keys a kernel holds.
@@ -102,12 +102,8 @@ pub(super) struct Kernels {
 impl Kernels {
     /// Compiles `attention.cu` for `class` on the device whose context is current.
     fn compile(device: &Device, class: Class) -> Result<Self> {
-        let (major, minor) = device
-            .ctx
-            .compute_capability()
-            .context("the device's compute capability")?;
         let options = vec![
-            format!("--gpu-architecture=compute_{major}{minor}"),
+            architecture(device)?,
             format!("-DDH={}", class.dh),
             format!("-DKMAX={}", class.keys),
             format!("-DQMAX={}", class.queries),

@@ -1,39 +1,9 @@
 // Training dropout, optionally plus a residual, for `dropout.rs`: element `i` is kept when
-// `kept(i, seed, keep)` (the hash the attention kernels draw with), and a kept element is
+// `kept(i, seed, keep)` (`common.cuh`, the attention kernels' hash), and a kept element is
 // `x · (1 / keep)`. The backward pass draws the same decisions from the same seed, so no mask
 // is stored; the backward pass is the same kernel without a residual. f32 four and bf16 eight elements per thread and iteration (16-byte loads) when
 // every pointer allows it, one at a time otherwise; bf16 values are computed in f32 and
 // rounded once.
-
-typedef unsigned short bf16;
-typedef unsigned int u32;
-
-__device__ __forceinline__ float from_bf16(u32 x) {
-    return __uint_as_float(x << 16);
-}
-
-__device__ __forceinline__ u32 to_bf16(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        return (u >> 16) | 0x40u;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return u >> 16;
-}
-
-__device__ __forceinline__ bool kept(u32 index, u32 seed, float keep) {
-    u32 h = (index * 0x9E3779B9u) ^ seed;
-    h ^= h >> 16;
-    h *= 0x85EBCA6Bu;
-    h ^= h >> 13;
-    h *= 0xC2B2AE35u;
-    h ^= h >> 16;
-    return (float)(h >> 8) * (1.0f / 16777216.0f) < keep;
-}
-
-__device__ __forceinline__ bool aligned(const void* a, const void* b, const void* c) {
-    return (((unsigned long long)a | (unsigned long long)b | (unsigned long long)c) & 15) == 0;
-}
 
 // y = dropped(x) + residual (residual may be null), f32.
 extern "C" __global__ void dropout_f32(const float* __restrict__ x,
@@ -44,7 +14,7 @@ extern "C" __global__ void dropout_f32(const float* __restrict__ x,
     const float scale = 1.0f / keep;
     const bool has_residual = residual != nullptr;
     long long done = 0;
-    if (aligned(x, has_residual ? residual : x, y)) {
+    if (aligned16(x, has_residual ? residual : x, y)) {
         for (long long i = first; i < n / 4; i += stride) {
             float4 v = reinterpret_cast<const float4*>(x)[i];
             float4 r = has_residual ? reinterpret_cast<const float4*>(residual)[i]
@@ -71,7 +41,7 @@ __device__ __forceinline__ u32 drop_pair(u32 w, u32 r, u32 e, u32 seed, float ke
                      from_bf16(r & 0xffffu);
     const float hi = (kept(e + 1, seed, keep) ? from_bf16(w >> 16) * scale : 0.0f) +
                      from_bf16(r >> 16);
-    return to_bf16(lo) | (to_bf16(hi) << 16);
+    return pack(lo, hi);
 }
 
 // y = dropped(x) + residual (residual may be null), bf16.
@@ -83,7 +53,7 @@ extern "C" __global__ void dropout_bf16(const bf16* __restrict__ x,
     const float scale = 1.0f / keep;
     const bool has_residual = residual != nullptr;
     long long done = 0;
-    if (aligned(x, has_residual ? residual : x, y)) {
+    if (aligned16(x, has_residual ? residual : x, y)) {
         for (long long i = first; i < n / 8; i += stride) {
             const uint4 a = reinterpret_cast<const uint4*>(x)[i];
             const uint4 b = has_residual ? reinterpret_cast<const uint4*>(residual)[i]
@@ -99,6 +69,6 @@ extern "C" __global__ void dropout_bf16(const bf16* __restrict__ x,
     }
     for (long long i = done + first; i < n; i += stride) {
         const float r = has_residual ? from_bf16(residual[i]) : 0.0f;
-        y[i] = (bf16)to_bf16((kept((u32)i, seed, keep) ? from_bf16(x[i]) * scale : 0.0f) + r);
+        y[i] = to_bf16((kept((u32)i, seed, keep) ? from_bf16(x[i]) * scale : 0.0f) + r);
     }
 }

@@ -14,6 +14,7 @@
 
 use anyhow::Result;
 use burn::prelude::*;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, TensorPrimitive};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
@@ -30,7 +31,7 @@ use super::step::{Arg, compile, launch_grid, packed, run};
 use super::{Device, FusionR, Gpu, float_op};
 
 /// The device code.
-const SOURCE: &str = include_str!("dropout.cu");
+const SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("dropout.cu"));
 /// Threads per block.
 const THREADS: u32 = 256;
 /// The most blocks of a launch (the kernels stride over the rest).
@@ -129,6 +130,24 @@ impl<const N: usize> Backward<Gpu, N> for DropoutBackward<N> {
     }
 }
 
+/// The forward pass over `inputs` (`x`, then the residual) as a node of `op`.
+fn tracked<const N: usize>(
+    op: DropoutBackward<N>,
+    inputs: [FloatTensor<Autodiff<Gpu>>; N],
+    state: (Draw, DType),
+) -> FloatTensor<Autodiff<Gpu>> {
+    let nodes = inputs.each_ref().map(|t| t.node.clone());
+    let y = fusion_pass(inputs.map(|t| t.primitive).into(), state.0);
+    match op
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
 /// Whether the kernels take `x` with `residual`: f32 or bf16, at least one and at most 2³²
 /// elements (the hash's index is 32 bits), the residual of `x`'s shape and type.
 fn takes(x: &Tensor<Autodiff<Gpu>, 2>, residual: Option<&Tensor<Autodiff<Gpu>, 2>>) -> bool {
@@ -153,31 +172,13 @@ pub(super) fn autodiff(
         seed: crate::kernels::next_dropout_seed(),
         keep: (1.0 - prob) as f32,
     };
-    let dtype = x.dtype();
+    let state = (draw, x.dtype());
     let xp = x.into_primitive().tensor();
     let out = match residual {
-        None => {
-            let y = fusion_pass(vec![xp.primitive], draw);
-            match DropoutBackward::<1>
-                .prepare::<NoCheckpointing>([xp.node])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish((draw, dtype), y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            }
-        }
+        None => tracked(DropoutBackward::<1>, [xp], state),
         Some(residual) => {
             let rp = residual.into_primitive().tensor();
-            let y = fusion_pass(vec![xp.primitive, rp.primitive], draw);
-            match DropoutBackward::<2>
-                .prepare::<NoCheckpointing>([xp.node, rp.node])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish((draw, dtype), y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            }
+            tracked(DropoutBackward::<2>, [xp, rp], state)
         }
     };
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))

@@ -2,22 +2,6 @@
 // x³))), with their gradients over bf16 tensors, for `gelu.rs`: computed in f32, rounded once. Eight elements per thread and iteration (16-byte loads) when every
 // pointer allows it, one at a time otherwise.
 
-typedef unsigned short bf16;
-typedef unsigned int u32;
-
-__device__ __forceinline__ float from_bf16(u32 x) {
-    return __uint_as_float(x << 16);
-}
-
-__device__ __forceinline__ u32 to_bf16(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        return (u >> 16) | 0x40u;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return u >> 16;
-}
-
 __device__ __forceinline__ float gelu(float x) {
     return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
 }
@@ -41,10 +25,6 @@ __device__ __forceinline__ float gelu_tanh_slope(float x) {
            0.5f * x * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 0.134145f * x * x);
 }
 
-__device__ __forceinline__ bool vectors(const void* a, const void* b, const void* c) {
-    return (((unsigned long long)a | (unsigned long long)b | (unsigned long long)c) & 15) == 0;
-}
-
 // NAME_forward: y = F(x); NAME_backward: dx = g · SLOPE(x); n elements each.
 #define GELU_KERNELS(NAME, F, SLOPE)                                                           \
     extern "C" __global__ void NAME##_forward(const bf16* __restrict__ x,                     \
@@ -52,22 +32,21 @@ __device__ __forceinline__ bool vectors(const void* a, const void* b, const void
         const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;            \
         const long long stride = (long long)gridDim.x * blockDim.x;                          \
         long long done = 0;                                                                   \
-        if (vectors(x, y, y)) {                                                               \
+        if (aligned16(x, y, y)) {                                                               \
             const uint4* xv = reinterpret_cast<const uint4*>(x);                             \
             uint4* yv = reinterpret_cast<uint4*>(y);                                          \
             for (long long i = first; i < n / 8; i += stride) {                               \
                 const uint4 a = xv[i];                                                        \
                 u32 w[4] = {a.x, a.y, a.z, a.w};                                              \
                 _Pragma("unroll") for (int k = 0; k < 4; k++) {                               \
-                    w[k] = to_bf16(F(from_bf16(w[k] & 0xffffu))) |                            \
-                           (to_bf16(F(from_bf16(w[k] >> 16))) << 16);                         \
+                    w[k] = pack(F(from_bf16(w[k] & 0xffffu)), F(from_bf16(w[k] >> 16)));       \
                 }                                                                             \
                 yv[i] = make_uint4(w[0], w[1], w[2], w[3]);                                   \
             }                                                                                 \
             done = n / 8 * 8;                                                                 \
         }                                                                                     \
         for (long long i = done + first; i < n; i += stride) {                                \
-            y[i] = (bf16)to_bf16(F(from_bf16(x[i])));                                         \
+            y[i] = to_bf16(F(from_bf16(x[i])));                                               \
         }                                                                                     \
     }                                                                                         \
     extern "C" __global__ void NAME##_backward(const bf16* __restrict__ x,                    \
@@ -76,7 +55,7 @@ __device__ __forceinline__ bool vectors(const void* a, const void* b, const void
         const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;            \
         const long long stride = (long long)gridDim.x * blockDim.x;                          \
         long long done = 0;                                                                   \
-        if (vectors(x, g, dx)) {                                                              \
+        if (aligned16(x, g, dx)) {                                                              \
             const uint4* xv = reinterpret_cast<const uint4*>(x);                             \
             const uint4* gv = reinterpret_cast<const uint4*>(g);                             \
             uint4* dv = reinterpret_cast<uint4*>(dx);                                         \
@@ -88,14 +67,14 @@ __device__ __forceinline__ bool vectors(const void* a, const void* b, const void
                 _Pragma("unroll") for (int k = 0; k < 4; k++) {                               \
                     const float lo = from_bf16(v[k] & 0xffffu) * SLOPE(from_bf16(w[k] & 0xffffu)); \
                     const float hi = from_bf16(v[k] >> 16) * SLOPE(from_bf16(w[k] >> 16));    \
-                    o[k] = to_bf16(lo) | (to_bf16(hi) << 16);                                 \
+                    o[k] = pack(lo, hi);                                                      \
                 }                                                                             \
                 dv[i] = make_uint4(o[0], o[1], o[2], o[3]);                                   \
             }                                                                                 \
             done = n / 8 * 8;                                                                 \
         }                                                                                     \
         for (long long i = done + first; i < n; i += stride) {                                \
-            dx[i] = (bf16)to_bf16(from_bf16(g[i]) * SLOPE(from_bf16(x[i])));                  \
+            dx[i] = to_bf16(from_bf16(g[i]) * SLOPE(from_bf16(x[i])));                        \
         }                                                                                     \
     }
 

@@ -27,7 +27,7 @@ use super::step::{Arg, compile, launch_grid, packed, run};
 use super::{Device, FusionR, Gpu, float_op};
 
 /// The device code.
-const SOURCE: &str = include_str!("gelu.cu");
+const SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("gelu.cu"));
 /// Threads per block.
 const THREADS: u32 = 256;
 /// The most blocks of a launch (the kernels stride over the rest).

@@ -12,8 +12,6 @@
 #define WARPS 8
 #define ROWS_PER_WARP 8
 
-typedef unsigned int u32;
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {

@@ -13,7 +13,7 @@
 //! f32 rows of a width that is a multiple of 4 and at most 1,024; anything else takes the
 //! CubeCL kernels (which hand what they do not take to the written-out operations).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::prelude::*;
 use burn::tensor::{DType, Shape, TensorPrimitive};
 use burn_autodiff::Autodiff;
@@ -26,7 +26,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_fusion::FusionTensor;
 use cudarc::driver::CudaFunction;
 
-use super::step::{Arg, compile, launch_grid, packed, run};
+use super::step::{Arg, architecture, compile, launch_grid, packed, run};
 use super::{Device, FusionR, Gpu, float_op};
 
 /// The device code.
@@ -52,14 +52,7 @@ fn with_kernels(
     f: impl FnOnce(&Kernels) -> Result<()>,
 ) -> Result<()> {
     if !device.layer_norm.contains_key(&width) {
-        let (major, minor) = device
-            .ctx
-            .compute_capability()
-            .context("the device's compute capability")?;
-        let options = vec![
-            format!("--gpu-architecture=compute_{major}{minor}"),
-            format!("-DD={width}"),
-        ];
+        let options = vec![architecture(device)?, format!("-DD={width}")];
         let what = format!("the layer norm kernels for rows of {width}");
         let names = ["layer_norm_forward", "layer_norm_backward", "column_sums"];
         let [forward, backward, column_sums] = compile(device, SOURCE, options, &what, names)?;
@@ -159,12 +152,12 @@ fn cube_backward(inputs: Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRun
 /// Whether the kernels take `x [rows, d]` with `γ` and `β`: f32, at least one and fewer than
 /// 2³¹ rows, `d` a multiple of 4 and at most [`MAX_WIDTH`].
 fn takes(
-    x: &FusionTensor<FusionR>,
-    gamma: &FusionTensor<FusionR>,
-    beta: &FusionTensor<FusionR>,
+    x: &Tensor<Autodiff<Gpu>, 2>,
+    gamma: &Tensor<Autodiff<Gpu>, 1>,
+    beta: &Tensor<Autodiff<Gpu>, 1>,
 ) -> bool {
-    let [rows, d] = [x.shape[0], x.shape[1]];
-    [x.dtype, gamma.dtype, beta.dtype]
+    let [rows, d] = x.dims();
+    [x.dtype(), gamma.dtype(), beta.dtype()]
         .iter()
         .all(|&t| t == DType::F32)
         && (1..i32::MAX as usize).contains(&rows)
@@ -209,19 +202,14 @@ pub(crate) fn autodiff(
         }
     }
 
+    if !takes(&x, &gamma, &beta) {
+        return crate::kernels::training_layer_norm(x, gamma, beta, epsilon);
+    }
     let (xp, gp, bp) = (
         x.into_primitive().tensor(),
         gamma.into_primitive().tensor(),
         beta.into_primitive().tensor(),
     );
-    if !takes(&xp.primitive, &gp.primitive, &bp.primitive) {
-        return crate::kernels::training_layer_norm(
-            Tensor::from_primitive(TensorPrimitive::Float(xp)),
-            Tensor::from_primitive(TensorPrimitive::Float(gp)),
-            Tensor::from_primitive(TensorPrimitive::Float(bp)),
-            epsilon,
-        );
-    }
     let rows = xp.primitive.shape[0];
     let outputs = vec![
         (xp.primitive.shape.clone(), DType::F32),
@@ -254,47 +242,12 @@ pub(crate) fn autodiff(
 #[cfg(test)]
 mod tests {
     //! Needs a CUDA device: `cargo test -p palm --features cuda layer_norm` on the GPU machine.
-    use super::*;
-    use burn::tensor::{Distribution, Tolerance};
-    use burn_cubecl::cubecl::cuda::CudaDevice;
-
-    type B = Autodiff<Gpu>;
 
     #[test]
     fn the_kernels_match_the_written_out_layer_norm_and_its_gradients() {
-        let device = CudaDevice::new(0);
-        let normal = Distribution::Normal(0.0, 2.0);
-        let tolerance = Tolerance::<f32>::rel_abs(1e-4, 1e-4);
         // PALM-base's width over more rows than a backward block holds and a partial last
         // block; a width that leaves lanes idle; the widest; one row.
-        for (rows, d) in [(1000, 768), (70, 36), (130, 1024), (1, 8)] {
-            let x = Tensor::<B, 2>::random([rows, d], normal, &device).require_grad();
-            let gamma = Tensor::<B, 1>::random([d], normal, &device).require_grad();
-            let beta = Tensor::<B, 1>::random([d], normal, &device).require_grad();
-            let weights = Tensor::<B, 2>::random([rows, d], normal, &device);
-            let run = |ours: bool| {
-                let f = if ours {
-                    autodiff
-                } else {
-                    palm_model::grad::written_layer_norm::<Gpu>
-                };
-                let y = f(x.clone(), gamma.clone(), beta.clone(), 1e-12);
-                let grads = (y.clone() * weights.clone()).sum().backward();
-                [
-                    y.into_data(),
-                    x.grad(&grads).expect("dx").into_data(),
-                    gamma.grad(&grads).expect("dγ").into_data(),
-                    beta.grad(&grads).expect("dβ").into_data(),
-                ]
-            };
-            let (ours, written) = (run(true), run(false));
-            for (what, (a, e)) in ["y", "dx", "dγ", "dβ"]
-                .iter()
-                .zip(ours.iter().zip(&written))
-            {
-                eprintln!("[{rows}, {d}] {what}");
-                a.assert_approx_eq::<f32>(e, tolerance);
-            }
-        }
+        let shapes = [(1000, 768), (70, 36), (130, 1024), (1, 8)];
+        crate::kernels::assert_layer_norm_matches_written(super::autodiff, &shapes);
     }
 }

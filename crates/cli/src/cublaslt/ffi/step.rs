@@ -164,6 +164,16 @@ pub(super) fn compile<const N: usize>(
         .unwrap_or_else(|_| unreachable!("one function per name")))
 }
 
+/// NVRTC's option naming the architecture of the device whose context is current (the
+/// kernels that use its instructions, tensor-core products or asynchronous copies, need it).
+pub(super) fn architecture(device: &Device) -> Result<String> {
+    let (major, minor) = device
+        .ctx
+        .compute_capability()
+        .context("the device's compute capability")?;
+    Ok(format!("--gpu-architecture=compute_{major}{minor}"))
+}
+
 /// A kernel argument.
 pub(super) enum Arg {
     Ptr(u64),
