@@ -240,10 +240,10 @@ fn gelu_tanh(x: Tensor<GpuUnfused, 2>) -> Tensor<GpuUnfused, 2> {
     wrap(out)
 }
 
-/// Puts the training layer norm ([`layer_norm`], or `crate::cublaslt`'s) and attention's probabilities
-/// ([`attention`]) on the CUDA training backend, unless `PALM_KERNELS=burn` (the written-out
-/// operations stay), `PALM_BACKWARD=burn` (burn's decompositions throughout) or the device's
-/// planes are not 32 lanes wide.
+/// Puts the training layer norm ([`layer_norm`], or `crate::cublaslt`'s) and attention's
+/// probabilities ([`attention`]) on the CUDA training backend, unless `PALM_KERNELS=burn` (the
+/// written-out operations stay), `PALM_BACKWARD=burn` (burn's decompositions throughout) or
+/// the device's planes are not 32 lanes wide.
 pub fn install_training(index: usize) {
     use burn_cubecl::cubecl::Runtime;
     let burn = |var| std::env::var(var).is_ok_and(|v| v == "burn");

@@ -1169,7 +1169,7 @@ mod tests {
         let ones = Tensor::<T, 3>::ones([2, 3, 4], &device);
         let drop = burn::nn::DropoutConfig::new(0.5).init();
         set_dropout::<T>(Some(with_residual));
-        // Not installed: burn's dropout (not training, for `training` asks both).
+        // The written-out operations not installed: burn's `Dropout`, not the hook.
         let plain = dropout_add(&drop, ones.clone(), ones.clone());
         install::<J>(true);
         let ours = dropout_add(&drop, ones.clone() * 5.0, ones.clone());

@@ -1136,9 +1136,9 @@ mod dropout;
 mod gelu;
 mod layer_norm;
 mod shadow;
+mod step;
 
 pub(crate) use layer_norm::autodiff as training_layer_norm;
-mod step;
 
 #[cfg(test)]
 mod tests {

@@ -8,8 +8,8 @@
 //! "Where the remaining gap is"). Here each element's decision is a hash of its index and a
 //! seed drawn per call (the attention kernels' hash): the forward pass reads `x` (and the
 //! residual) and writes the sum, the backward pass draws the same decisions from the same seed
-//! and nothing is kept between them. f32 or bf16, the residual of the same type and shape, at
-//! most 2³² elements; anything else is handed back to burn's operations. `PALM_DROPOUT=burn`
+//! and nothing is kept between them. f32 or bf16, the residual of the same type and shape,
+//! fewer than 2³² elements; anything else is handed back to burn's operations. `PALM_DROPOUT=burn`
 //! does not install them.
 
 use anyhow::Result;
@@ -148,7 +148,7 @@ fn tracked<const N: usize>(
     }
 }
 
-/// Whether the kernels take `x` with `residual`: f32 or bf16, at least one and at most 2³²
+/// Whether the kernels take `x` with `residual`: f32 or bf16, at least one and fewer than 2³²
 /// elements (the hash's index is 32 bits), the residual of `x`'s shape and type.
 fn takes(x: &Tensor<Autodiff<Gpu>, 2>, residual: Option<&Tensor<Autodiff<Gpu>, 2>>) -> bool {
     let n = x.shape().num_elements();
