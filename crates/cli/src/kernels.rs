@@ -28,7 +28,7 @@ use crate::device::GpuUnfused;
 mod attention;
 mod layer_norm;
 
-pub(crate) use attention::{mask_strides, next_seed as next_dropout_seed};
+pub(crate) use attention::mask_strides;
 pub(crate) use layer_norm::autodiff as training_layer_norm;
 #[cfg(test)]
 pub(crate) use layer_norm::tests::assert_matches_written as assert_layer_norm_matches_written;

@@ -291,6 +291,30 @@ fn masked_dropout<B: Backend, const D: usize>(prob: f64, x: Tensor<B, D>) -> Ten
     x.mask_fill(dropped, 0.0) * (1.0 / keep)
 }
 
+/// The seeds of dropout drawn from a hash (a backend's [`DropoutFn`], attention kernels): a
+/// base seed and the number of seeds taken since it was set.
+static DROPOUT_SEEDS: std::sync::Mutex<(u64, u64)> = std::sync::Mutex::new((0, 0));
+
+/// Restarts the stream of [`next_dropout_seed`] from `seed`. A training loop calls it beside
+/// burn's `B::seed` before every forward pass, so that kernels drawing their own dropout
+/// decisions follow the run's seed, and a resumed run draws what the uninterrupted one drew.
+pub fn seed_dropout(seed: u64) {
+    *DROPOUT_SEEDS.lock().unwrap_or_else(|e| e.into_inner()) = (seed, 0);
+}
+
+/// The next seed for a kernel that draws dropout from a hash of each element's index: one per
+/// call, from the base [`seed_dropout`] set and the number of calls since (SplitMix64's
+/// finaliser over both).
+pub fn next_dropout_seed() -> u32 {
+    let mut seeds = DROPOUT_SEEDS.lock().unwrap_or_else(|e| e.into_inner());
+    let (base, calls) = *seeds;
+    seeds.1 = calls.wrapping_add(1);
+    let mut z = base ^ calls.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as u32
+}
+
 /// Training dropout of `x [rows, d]` with probability `p`, plus `residual` (same shape) where
 /// given, as one operation of a backend, forward and backward (a binary's kernels that draw
 /// each element's decision from a hash and keep no mask). It hands back (`Err`) what it does
@@ -1188,6 +1212,20 @@ mod tests {
         assert!(alone.iter().all(|&v| v == 0.0 || v == 2.0), "{alone:?}");
         let plain: Vec<f32> = plain.into_data().convert::<f32>().to_vec().expect("f32");
         assert!(plain.iter().all(|&v| v == 1.0 || v == 3.0), "{plain:?}");
+    }
+
+    #[test]
+    fn dropout_seeds_follow_the_seed_they_restart_from() {
+        let _lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let draw = |seed: u64| {
+            seed_dropout(seed);
+            (0..4).map(|_| next_dropout_seed()).collect::<Vec<_>>()
+        };
+        let (a, again, other) = (draw(7), draw(7), draw(8));
+        assert_eq!(a, again, "the same stream from the same seed");
+        assert_ne!(a, other, "another seed, another stream");
+        let distinct: std::collections::HashSet<_> = a.iter().collect();
+        assert_eq!(distinct.len(), a.len(), "a new seed per call: {a:?}");
     }
 
     #[test]

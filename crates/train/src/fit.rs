@@ -320,7 +320,9 @@ impl<B: AutodiffBackend> PalmStrategy<B> {
                     learner.lr_step();
                     lr = learner.lr_current();
                 }
-                B::seed(&self.device, mix(c.seed, state.micro_steps as u64));
+                let pass_seed = mix(c.seed, state.micro_steps as u64);
+                B::seed(&self.device, pass_seed);
+                palm_model::grad::seed_dropout(pass_seed);
                 let tokens: usize = items.iter().map(|p| p.tgt.len().saturating_sub(1)).sum();
                 let seed = mix(c.seed ^ TRAIN_MASKS, state.micro_steps as u64);
                 let batch = self.make_batch(items, seed, &self.device);

@@ -16,10 +16,9 @@
 //!
 //! Under `bf16-mixed`, the whole of attention is two kernels of the CUDA build's own
 //! (`cublaslt::ffi::attention`); these serve the attention those hand back (f32 training,
-//! more than 128 queries or keys) and `PALM_ATTENTION=composed`. [`next_seed`] draws the
-//! dropout seeds of both.
-
-use std::sync::atomic::{AtomicU64, Ordering};
+//! more than 128 queries or keys) and `PALM_ATTENTION=composed`. Both take their dropout
+//! seeds from `palm_model::grad::next_dropout_seed`, which the training loop reseeds before
+//! every pass.
 
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensor;
@@ -200,18 +199,6 @@ struct Params {
     seed: u32,
     keep: f32,
     probs: DType,
-}
-
-/// A new seed per call: a counter through SplitMix64's finaliser (the same sequence in every
-/// process, as burn's seeded random tensors are).
-pub(crate) fn next_seed() -> u32 {
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let mut z = CALLS
-        .fetch_add(1, Ordering::Relaxed)
-        .wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    (z ^ (z >> 31)) as u32
 }
 
 /// The mask's strides over `[b, h, tq, tk]`, 0 where it broadcasts.
@@ -461,7 +448,7 @@ pub(crate) fn autodiff(
         tk,
         heads,
         tq,
-        seed: next_seed(),
+        seed: palm_model::grad::next_dropout_seed(),
         keep,
         probs,
     };

@@ -473,7 +473,7 @@ pub(super) fn autodiff(
         tq,
         tk,
         class,
-        seed: crate::kernels::next_dropout_seed(),
+        seed: palm_model::grad::next_dropout_seed(),
         keep,
     };
     let [qp, kp, vp] = [q, k, v].map(|t| t.into_primitive().tensor());

@@ -169,7 +169,7 @@ pub(super) fn autodiff(
         return Err(Box::new((x, residual)));
     }
     let draw = Draw {
-        seed: crate::kernels::next_dropout_seed(),
+        seed: palm_model::grad::next_dropout_seed(),
         keep: (1.0 - prob) as f32,
     };
     let state = (draw, x.dtype());
