@@ -71,66 +71,37 @@ fn accepts(decoder: &TransformerDecoder<Cube>) -> bool {
         && stream::known_stream().is_some()
 }
 
-/// The compiled kernels of one device.
-pub(super) struct Kernels {
-    embed: CudaFunction,
-    add_layer_norm: CudaFunction,
-    self_attention: CudaFunction,
-    cross_attention: CudaFunction,
-    cross_attention_rows: CudaFunction,
-    gelu_tanh: CudaFunction,
-    log_softmax: CudaFunction,
-    gather_rows: CudaFunction,
-    gather_slots: CudaFunction,
-    top_k_segments: CudaFunction,
+/// The compiled kernels of one device, a field per kernel of `step.cu` named as its function,
+/// and `Kernels::compile`, which compiles the source for the device whose context is current.
+macro_rules! step_kernels {
+    ($($name:ident),* $(,)?) => {
+        pub(super) struct Kernels {
+            $($name: CudaFunction,)*
+        }
+
+        impl Kernels {
+            fn compile(device: &Device) -> Result<Self> {
+                let what = "the decoder step's kernels";
+                let names = [$(stringify!($name)),*];
+                let [$($name),*] = compile(device, SOURCE, vec![], what, names)?;
+                Ok(Self { $($name),* })
+            }
+        }
+    };
 }
 
-impl Kernels {
-    /// Compiles `step.cu` for the device whose context is current.
-    fn compile(device: &Device) -> Result<Self> {
-        let [
-            embed,
-            add_layer_norm,
-            self_attention,
-            cross_attention,
-            cross_attention_rows,
-            gelu_tanh,
-            log_softmax,
-            gather_rows,
-            gather_slots,
-            top_k_segments,
-        ] = compile(
-            device,
-            SOURCE,
-            vec![],
-            "the decoder step's kernels",
-            [
-                "embed",
-                "add_layer_norm",
-                "self_attention",
-                "cross_attention",
-                "cross_attention_rows",
-                "gelu_tanh",
-                "log_softmax",
-                "gather_rows",
-                "gather_slots",
-                "top_k_segments",
-            ],
-        )?;
-        Ok(Self {
-            embed,
-            add_layer_norm,
-            self_attention,
-            cross_attention,
-            cross_attention_rows,
-            gelu_tanh,
-            log_softmax,
-            gather_rows,
-            gather_slots,
-            top_k_segments,
-        })
-    }
-}
+step_kernels!(
+    embed,
+    add_layer_norm,
+    self_attention,
+    cross_attention,
+    cross_attention_rows,
+    gelu_tanh,
+    log_softmax,
+    gather_rows,
+    gather_slots,
+    top_k_segments,
+);
 
 /// Compiles `source` with NVRTC and `options` for the device whose context is current and
 /// loads its kernels `names`, in order (`what` names them in errors).
